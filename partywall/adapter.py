@@ -1,0 +1,186 @@
+"""The seam between the state machines and a wire protocol: one class.
+
+The state machines and invariants speak in protocol-v1 terms (request types,
+frame dicts). An adapter turns those into bytes on a socket and back. A
+server with another wire format is tested by subclassing `Adapter` and
+overriding `handshake`, `encode` and `decode`; nothing above changes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import unicodedata
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import attrs
+
+from partywall.errors import HarnessError
+
+ERROR_CODES = frozenset({"bad_request", "not_found", "too_large", "rate_limited", "internal"})
+
+#: The frame type that completes each request (an ``error`` always completes one).
+FINAL_REPLY = {
+    "start_agent": "agent_started",
+    "join_thread": "joined",
+    "leave_thread": "left",
+    "user_message": "agent_response",
+    "get_history": "history",
+    "list_threads": "threads",
+    "ping": "pong",
+}
+
+#: Every reply type a request may receive, in protocol order.
+REPLY_TYPES = {
+    "start_agent": ("agent_started",),
+    "join_thread": ("joined",),
+    "leave_thread": ("left",),
+    "user_message": ("ack", "agent_chunk", "agent_response"),
+    "get_history": ("history",),
+    "list_threads": ("threads",),
+    "ping": ("pong",),
+}
+
+MAX_ID = 64
+MAX_CONTENT = 16_384
+MAX_FRAME_IN = 65_536
+
+
+def valid_id(value: Any) -> bool:
+    """An id as PROTOCOL.md allows: 1-64 code points, none whitespace, Cc or Cs."""
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_ID:
+        return False
+    return not any(ch.isspace() or unicodedata.category(ch) in ("Cc", "Cs") for ch in value)
+
+
+_STR, _NUM, _INT, _LIST = "string", "number", "integer", "array"
+
+#: Required fields of each server frame and their JSON types. Extra fields are allowed.
+SCHEMA: dict[str, dict[str, str]] = {
+    "welcome": {"protocol": _INT, "tenant": _STR, "user": _STR, "connection_id": _STR, "server_time": _NUM},
+    "agent_started": {"re": _STR, "agent_id": _STR, "assistant_id": _STR, "thread_id": _STR, "startup_ms": _NUM},
+    "joined": {"re": _STR, "thread_id": _STR},
+    "left": {"re": _STR, "thread_id": _STR},
+    "ack": {"re": _STR, "thread_id": _STR, "message_id": _STR},
+    "agent_chunk": {"thread_id": _STR, "seq": _INT, "delta": _STR},
+    "agent_response": {"thread_id": _STR, "message_id": _STR, "content": _STR},
+    "thread_message": {"thread_id": _STR, "message_id": _STR, "role": _STR, "user": _STR, "content": _STR},
+    "history": {"re": _STR, "thread_id": _STR, "messages": _LIST},
+    "threads": {"re": _STR, "threads": _LIST},
+    "pong": {"re": _STR, "server_time": _NUM},
+    "error": {"code": _STR, "message": _STR},
+}
+_HISTORY_ITEM = {"message_id": _STR, "role": _STR, "content": _STR, "created_at": _NUM}
+_THREAD_ITEM = {"thread_id": _STR, "assistant": _STR, "created_at": _NUM, "message_count": _INT}
+
+
+def _is(value: Any, kind: str) -> bool:
+    if kind == _STR:
+        return isinstance(value, str)
+    if kind == _INT:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == _NUM:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if kind == _LIST:
+        return isinstance(value, list)
+    raise AssertionError(kind)
+
+
+def _fields(obj: dict[str, Any], schema: dict[str, str], where: str) -> list[str]:
+    problems = []
+    for name, kind in schema.items():
+        if name not in obj:
+            problems.append(f"{where} has no field {name!r}")
+        elif not _is(obj[name], kind):
+            problems.append(f"{where} field {name!r} must be a JSON {kind} (got {obj[name]!r:.80})")
+    return problems
+
+
+@attrs.frozen
+class Frame:
+    """A frame as received, parsed, with what is wrong with it."""
+
+    type: str | None
+    """The ``type`` field, or None when it has none."""
+    data: dict[str, Any]
+    """The parsed JSON object (empty when it did not parse)."""
+    raw: str
+    """The text as received (binary frames are decoded with replacement)."""
+    problems: tuple[str, ...] = ()
+    """Schema problems; empty for a well-formed frame."""
+
+    @property
+    def re(self) -> str | None:
+        re_ = self.data.get("re")
+        return re_ if isinstance(re_, str) else None
+
+
+class Adapter:
+    """Protocol version 1 of PROTOCOL.md over WebSocket text frames."""
+
+    name = "protocol-v1"
+
+    def handshake(self, url: str, token: str, via: str) -> tuple[str, list[tuple[str, str]]]:
+        """Return the URL to open and the extra headers, for a token sent ``via`` header or query."""
+        if via == "header":
+            return url, [("Authorization", f"Bearer {token}")]
+        if via == "query":
+            parts = urlsplit(url)
+            query = (parts.query + "&" if parts.query else "") + "token=" + quote(token, safe="")
+            return urlunsplit(parts._replace(query=query)), []
+        raise HarnessError(f"token must go via 'header' or 'query' (got {via!r}).")
+
+    def encode(self, req_type: str, req_id: str, fields: dict[str, Any]) -> str:
+        """The text frame for a request."""
+        return json.dumps({"type": req_type, "id": req_id, **fields}, ensure_ascii=False)
+
+    def decode(self, message: str | bytes) -> Frame:
+        """Parse a server frame and check it against the schema of its type."""
+        if isinstance(message, bytes):
+            raw = message.decode("utf-8", "replace")
+            return Frame(None, {}, raw, ("a binary frame; the protocol sends only text frames",))
+        try:
+            data = json.loads(message, parse_constant=_refuse_constant)
+        except ValueError as exc:
+            return Frame(None, {}, message, (f"not strict JSON ({exc})",))
+        if not isinstance(data, dict):
+            return Frame(None, {}, message, (f"not a JSON object (a {type(data).__name__})",))
+        ftype = data.get("type")
+        if not isinstance(ftype, str):
+            return Frame(None, data, message, ("no string field 'type'",))
+        schema = SCHEMA.get(ftype)
+        if schema is None:
+            return Frame(ftype, data, message, (f"unknown frame type {ftype!r}",))
+        problems = _fields(data, schema, ftype)
+        if ftype == "error" and isinstance(data.get("code"), str) and data["code"] not in ERROR_CODES:
+            problems.append(f"error code {data['code']!r} is not one of {sorted(ERROR_CODES)}")
+        if ftype == "agent_chunk" and isinstance(data.get("seq"), int) and data["seq"] < 0:
+            problems.append("agent_chunk seq is negative")
+        if "re" in data and not isinstance(data["re"], str):
+            problems.append(f"{ftype} field 're' must be a string")
+        if ftype == "history" and isinstance(data.get("messages"), list):
+            for i, item in enumerate(data["messages"]):
+                problems.extend(_item(item, _HISTORY_ITEM, f"history.messages[{i}]"))
+                if isinstance(item, dict):
+                    role = item.get("role")
+                    if role not in ("user", "assistant"):
+                        problems.append(f"history.messages[{i}] role must be 'user' or 'assistant' (got {role!r})")
+                    elif role == "user" and not isinstance(item.get("user"), str):
+                        problems.append(f"history.messages[{i}] of role user has no string 'user'")
+        if ftype == "threads" and isinstance(data.get("threads"), list):
+            for i, item in enumerate(data["threads"]):
+                problems.extend(_item(item, _THREAD_ITEM, f"threads.threads[{i}]"))
+        if ftype == "thread_message" and data.get("role") != "user":
+            problems.append(f"thread_message role must be 'user' (got {data.get('role')!r})")
+        return Frame(ftype, data, message, tuple(problems))
+
+
+def _item(item: Any, schema: dict[str, str], where: str) -> list[str]:
+    if not isinstance(item, dict):
+        return [f"{where} is not an object"]
+    return _fields(item, schema, where)
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")

@@ -1,0 +1,418 @@
+"""The driver: one long-lived trio loop beside a synchronous caller.
+
+Hypothesis has no async state machines, so the machine runs in the caller's
+thread and calls into a trio loop that lives in a worker thread
+(`trio.from_thread.run`). Every connection has an owner task started with
+``nursery.start`` in the loop's nursery: it holds the TCP stream and the
+WebSocket, runs the reader, and exits when told. (Entering the WebSocket in
+the task of a ``from_thread.run`` call would outlive that task and corrupt
+trio's nursery stack.) Readers drain their connection all the time, so the
+suite never measures its own back-pressure, and each frame is recorded in the
+history and shown to the observer (the checks) the moment it is read.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import attrs
+import trio
+import trio_websocket
+from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError
+
+from partywall.adapter import FINAL_REPLY, Adapter, Frame
+from partywall.errors import HarnessError
+from partywall.history import Event, History
+
+T = TypeVar("T")
+
+#: Server frames may be large (a long history); the protocol says clients accept 16 MiB.
+MAX_FRAME = 16 * 1024 * 1024 + 4096
+#: Frames queued between trio-websocket's reader and ours. Ours never stops
+#: reading, so this only absorbs bursts; the default of 1 would stall pings.
+QUEUE = 4096
+
+Observer = Callable[[Event, Frame | None], None]
+
+
+@attrs.define(eq=False)
+class Conn:
+    """A connection the suite holds open across steps."""
+
+    name: str
+    tenant: str
+    user: str
+    via: str
+    open: bool = False
+    welcome: dict[str, Any] | None = None
+    close_code: int | None = None
+    ws: trio_websocket.WebSocketConnection | None = attrs.field(default=None, repr=False)
+    tcp: trio.SocketStream | None = attrs.field(default=None, repr=False)
+    stop: trio.Event = attrs.field(factory=trio.Event, repr=False)
+    abrupt: bool = False
+    done: trio.Event = attrs.field(factory=trio.Event, repr=False)
+
+    def __repr__(self) -> str:  # valid Python in Hypothesis's printed program
+        return self.name
+
+
+@attrs.define(eq=False)
+class Pending:
+    """A request on its way: completed by its final reply or an ``error``."""
+
+    req_id: str
+    conn: str
+    type: str
+    t: float
+    done: trio.Event = attrs.field(factory=trio.Event)
+    frames: list[Frame] = attrs.field(factory=list)
+    timed_out: bool = False
+
+    @property
+    def final(self) -> Frame | None:
+        return self.frames[-1] if self.done.is_set() and self.frames else None
+
+
+@attrs.frozen
+class Refused:
+    """A handshake that did not open a connection."""
+
+    status: int | None
+    """The HTTP status, when the server answered the upgrade with one."""
+    reason: str
+
+
+def _only(group: BaseExceptionGroup) -> BaseException:
+    """The one exception inside (nested) groups, or the group itself when there are several."""
+    while isinstance(group, BaseExceptionGroup) and len(group.exceptions) == 1:
+        group = group.exceptions[0]  # type: ignore[assignment]
+    return group
+
+
+class Driver:
+    """Runs connections and requests for a synchronous caller, recording everything."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        history: History,
+        observer: Observer,
+        adapter: Adapter | None = None,
+        reply_timeout_s: float = 10.0,
+        connect_timeout_s: float = 5.0,
+    ) -> None:
+        self.url = url
+        self.history = history
+        self.observer = observer
+        self.adapter = adapter or Adapter()
+        self.reply_timeout_s = reply_timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self.conns: dict[str, Conn] = {}
+        self.pending: dict[str, Pending] = {}
+        self.errors: list[BaseException] = []
+        self._thread: threading.Thread | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._nursery: trio.Nursery | None = None
+        self._shutdown: trio.Event | None = None
+        self._ready = threading.Event()
+        self._crashed: BaseException | None = None
+
+    # -- the loop -----------------------------------------------------------
+
+    def start(self) -> Driver:
+        self._thread = threading.Thread(target=self._run_loop, name="partywall-driver", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise HarnessError("the driver's trio loop did not start within 10 s.")
+        if self._crashed:
+            raise HarnessError(f"the driver's trio loop failed to start: {self._crashed!r}")
+        return self
+
+    def _run_loop(self) -> None:
+        try:
+            trio.run(self._main)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller, not swallowed
+            self._crashed = exc
+            self._ready.set()
+
+    async def _main(self) -> None:
+        self._shutdown = trio.Event()
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            self._token = trio.lowlevel.current_trio_token()
+            nursery.start_soon(self._watchdog)
+            self._ready.set()
+            await self._shutdown.wait()
+            await self._close_all(abrupt=False)
+            nursery.cancel_scope.cancel()
+
+    def call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Run ``fn(*args)`` in the loop and return its result (from the caller's thread)."""
+        if self._crashed is not None:
+            raise HarnessError(f"the driver's trio loop has stopped: {self._crashed!r}")
+        return trio.from_thread.run(fn, *args, trio_token=self._token)
+
+    def close(self) -> None:
+        """Close every connection cleanly and stop the loop."""
+        if self._thread is None or self._token is None:
+            return
+        if self._thread.is_alive():
+            try:
+                trio.from_thread.run_sync(self._shutdown.set, trio_token=self._token)  # type: ignore[union-attr]
+            except trio.RunFinishedError:
+                pass  # the loop is already gone: nothing left to stop
+            self._thread.join(15)
+        self._thread = None
+
+    def raise_errors(self) -> None:
+        """Raise a harness error recorded in the loop (a bug of the suite, not the server)."""
+        if self._crashed is not None:
+            raise HarnessError(f"the driver's trio loop crashed: {self._crashed!r}") from self._crashed
+        if self.errors:
+            exc = self.errors[0]
+            raise HarnessError(f"the driver failed: {exc!r}") from exc
+
+    # -- connections ----------------------------------------------------------
+
+    async def connect(self, name: str, tenant: str, user: str, token: str, via: str,
+                      token_kind: str = "valid") -> Conn | Refused:
+        """Open a connection and wait for its ``welcome``; a refused handshake is returned, not raised."""
+        assert self._nursery is not None
+        conn = Conn(name, tenant, user, via)
+        t0 = time.monotonic()
+        self.history.append("invoke", "connect", t=t0, conn=name, data={"tenant": tenant, "user": user, "via": via, "token_kind": token_kind})
+        url, headers = self.adapter.handshake(self.url, token, via)
+        try:
+            try:
+                with trio.fail_after(self.connect_timeout_s):
+                    await self._nursery.start(self._own, conn, url, headers)
+            except BaseExceptionGroup as group:
+                raise _only(group) from None
+        except ConnectionRejected as exc:
+            refused = Refused(exc.status_code, f"HTTP {exc.status_code}")
+            body = (exc.body or b"").decode("utf-8", "replace")
+            self._outcome("fail", "connect", conn, status=exc.status_code, body=body, t0=t0)
+            return refused
+        except trio.TooSlowError:
+            self._outcome("info", "connect", conn, reason="timeout", limit_s=self.connect_timeout_s, t0=t0)
+            return Refused(None, f"no welcome within {self.connect_timeout_s} s")
+        except (OSError, HandshakeError, ConnectionClosed) as exc:
+            self._outcome("fail", "connect", conn, reason=repr(exc), t0=t0)
+            return Refused(None, repr(exc))
+        self.conns[name] = conn
+        self._outcome("ok", "connect", conn, t0=t0, welcome=conn.welcome)
+        return conn
+
+    def _outcome(self, kind: str, op: str, conn: Conn, *, t0: float, **data: Any) -> None:
+        data["latency_ms"] = (time.monotonic() - t0) * 1000.0
+        ev = self.history.append(kind, op, conn=conn.name, data=data)
+        self._observe(ev, None)
+
+    async def _own(self, conn: Conn, url: str, headers: list[tuple[str, str]], task_status: Any) -> None:
+        parts = urlsplit(url)
+        if parts.scheme != "ws" or not parts.hostname or parts.port is None:
+            raise HandshakeError(f"expected a ws://HOST:PORT/PATH URL (got {url!r})")
+        resource = parts.path or "/"
+        if parts.query:
+            resource += "?" + parts.query
+        tcp = await trio.open_tcp_stream(parts.hostname, parts.port)
+        tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.tcp = tcp
+        try:
+            async with trio.open_nursery() as inner:
+                ws = await trio_websocket.wrap_client_stream(
+                    inner,
+                    tcp,
+                    f"{parts.hostname}:{parts.port}",
+                    resource,
+                    extra_headers=[(k.encode(), v.encode()) for k, v in headers],
+                    message_queue_size=QUEUE,
+                    max_message_size=MAX_FRAME,
+                    receive_buffer_size=65536,
+                )
+                conn.ws = ws
+                first = await ws.get_message()
+                frame = self._record_frame(conn, first)
+                conn.welcome = frame.data if frame.type == "welcome" else None
+                conn.open = True
+                task_status.started(conn)
+                inner.start_soon(self._read, conn, ws)
+                await conn.stop.wait()
+                if conn.abrupt:
+                    # RST instead of a close handshake: what a crashed client or a cut cable does.
+                    tcp.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    await tcp.aclose()
+                else:
+                    with trio.move_on_after(3):
+                        await ws.aclose()
+                inner.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await tcp.aclose()
+            self._mark_closed(conn, "abrupt drop" if conn.abrupt else "closed by the suite")
+
+    async def _read(self, conn: Conn, ws: trio_websocket.WebSocketConnection) -> None:
+        try:
+            while True:
+                message = await ws.get_message()
+                self._record_frame(conn, message)
+        except ConnectionClosed as exc:
+            code = exc.reason.code if exc.reason is not None else None
+            conn.close_code = code
+            self._mark_closed(conn, f"closed by the server (code {code})", code=code)
+            conn.stop.set()
+
+    def _record_frame(self, conn: Conn, message: str | bytes) -> Frame:
+        t = time.monotonic()
+        frame = self.adapter.decode(message)
+        ev = self.history.append("frame", frame.type or "?", t=t, conn=conn.name, req_id=frame.re, data=frame.data, raw=frame.raw)
+        self._observe(ev, frame)
+        pending = self.pending.get(frame.re) if frame.re is not None else None
+        if pending is not None and pending.conn == conn.name and not pending.done.is_set():
+            pending.frames.append(frame)
+            if frame.type == "error" or frame.type == FINAL_REPLY.get(pending.type):
+                kind = "fail" if frame.type == "error" else "ok"
+                done = self.history.append(
+                    kind, pending.type, conn=conn.name, req_id=pending.req_id,
+                    data={"latency_ms": (t - pending.t) * 1000.0, "frames": len(pending.frames)},
+                )
+                self._observe(done, frame)
+                pending.done.set()
+                del self.pending[pending.req_id]
+        return frame
+
+    def _mark_closed(self, conn: Conn, reason: str, code: int | None = None) -> None:
+        if not conn.open and conn.done.is_set():
+            return
+        was_open = conn.open
+        conn.open = False
+        if was_open:
+            ev = self.history.append("info", "closed", conn=conn.name, data={"reason": reason, "code": code})
+            self._observe(ev, None)
+        for p in [p for p in self.pending.values() if p.conn == conn.name]:
+            # The outcome of a request on a closed connection is unknown (Jepsen's info).
+            ev = self.history.append("info", p.type, conn=conn.name, req_id=p.req_id, data={"reason": "connection closed"})
+            self._observe(ev, None)
+            p.done.set()
+            del self.pending[p.req_id]
+        conn.done.set()
+
+    def _observe(self, ev: Event, frame: Frame | None) -> None:
+        try:
+            self.observer(ev, frame)
+        except Exception as exc:  # noqa: BLE001 - kept and raised at the next step
+            self.errors.append(exc)
+
+    async def disconnect(self, name: str, abrupt: bool = False) -> None:
+        """Close a connection (a clean close handshake, or an abrupt TCP reset) and wait until it is gone."""
+        conn = self.conns[name]
+        if not conn.open:
+            return
+        self.history.append("invoke", "drop" if abrupt else "close", conn=name)
+        conn.abrupt = abrupt
+        conn.stop.set()
+        with trio.move_on_after(5):
+            await conn.done.wait()
+
+    async def _close_all(self, abrupt: bool) -> None:
+        async with trio.open_nursery() as n:
+            for name, conn in list(self.conns.items()):
+                if conn.open:
+                    n.start_soon(self.disconnect, name, abrupt)
+
+    async def close_all(self) -> None:
+        """Close every open connection cleanly (the end of an example)."""
+        await self._close_all(abrupt=False)
+
+    async def wait_closed(self, timeout: float = 5.0) -> None:
+        """Wait until every connection has seen its end (after the server was killed)."""
+        with trio.move_on_after(timeout):
+            for conn in list(self.conns.values()):
+                await conn.done.wait()
+
+    async def note(self, op: str, conn: str | None, data: dict[str, Any]) -> None:
+        """Record a fact of the run (a probe pairing, a crash, a restart) for the checks."""
+        ev = self.history.append("info", op, conn=conn, data=data)
+        self._observe(ev, None)
+
+    def forget_closed(self) -> None:
+        """Drop closed connections from the table (between examples)."""
+        for name in [n for n, c in self.conns.items() if not c.open]:
+            del self.conns[name]
+
+    # -- requests -------------------------------------------------------------
+
+    async def send(self, name: str, req_type: str, req_id: str, fields: dict[str, Any], t: float | None = None) -> Pending | None:
+        """Send a request without waiting for its reply; None when the connection is closed."""
+        conn = self.conns[name]
+        t0 = time.monotonic() if t is None else t
+        ev = self.history.append("invoke", req_type, t=t0, conn=name, req_id=req_id, data=fields)
+        if not conn.open or conn.ws is None:
+            self.history.append("fail", req_type, conn=name, req_id=req_id, data={"reason": "connection closed before sending"})
+            return None
+        pending = Pending(req_id, name, req_type, t0)
+        self.pending[req_id] = pending
+        self._observe(ev, None)
+        try:
+            await conn.ws.send_message(self.adapter.encode(req_type, req_id, fields))
+        except ConnectionClosed:
+            self._mark_closed(conn, "closed while sending")
+        return pending
+
+    async def send_raw(self, name: str, message: str | bytes, *, note: str, req_id: str, readable: bool | None,
+                       expect: str) -> Pending | None:
+        """Send a malformed frame (bad input). When its id is readable the error
+        must answer it, so it is tracked like a request; otherwise the error
+        comes without ``re`` and the checks expect exactly that."""
+        conn = self.conns[name]
+        ev = self.history.append("invoke", "raw", conn=name, req_id=req_id,
+                                 data={"note": note, "size": len(message), "readable": readable, "expect": expect})
+        if not conn.open or conn.ws is None:
+            return None
+        pending = None
+        if readable:
+            pending = Pending(req_id, name, "raw", ev.t)
+            self.pending[req_id] = pending
+        self._observe(ev, None)
+        try:
+            await conn.ws.send_message(message)
+        except ConnectionClosed:
+            self._mark_closed(conn, "closed while sending")
+        return pending
+
+    async def wait(self, pending: Pending, timeout: float | None = None) -> Frame | None:
+        """Wait for a request's final reply; None when it timed out or its connection closed."""
+        with trio.move_on_after(self.reply_timeout_s if timeout is None else timeout):
+            await pending.done.wait()
+        return pending.final
+
+    async def settle(self, timeout: float | None = None) -> list[Pending]:
+        """Wait until nothing is in flight, or the reply limit passes; return what is still pending."""
+        deadline = trio.current_time() + (self.reply_timeout_s if timeout is None else timeout) + 0.5
+        while self.pending and trio.current_time() < deadline:
+            await trio.sleep(0.01)
+        return list(self.pending.values())
+
+    async def pause(self, seconds: float) -> None:
+        await trio.sleep(seconds)
+
+    async def _watchdog(self) -> None:
+        """Flag requests on open connections that outlive the reply limit (once each)."""
+        while True:
+            await trio.sleep(0.1)
+            now = time.monotonic()
+            for p in list(self.pending.values()):
+                if not p.timed_out and now - p.t > self.reply_timeout_s and self.conns[p.conn].open:
+                    p.timed_out = True
+                    ev = self.history.append(
+                        "info", "timeout", conn=p.conn, req_id=p.req_id,
+                        data={"type": p.type, "waited_s": round(now - p.t, 3), "limit_s": self.reply_timeout_s},
+                    )
+                    self._observe(ev, None)

@@ -1,0 +1,125 @@
+"""One run of the suite: its target, driver, history, registry, seed and report.
+
+The pytest plugin makes one `Session` per pytest run and hands it to the
+properties as the ``partywall_session`` fixture. Everything a failure report
+needs to be replayed (seed, profile, target, run id) lives here.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from partywall import __version__
+from partywall.driver import Driver, Observer
+from partywall.errors import Violation
+from partywall.history import History
+from partywall.markers import MarkerMint, Registry
+from partywall.target import Target
+
+
+@attrs.define(eq=False)
+class ReportedViolation:
+    violation: Violation
+    reproduced: str | None = None
+    replay: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.violation.to_json(), "reproduced": self.reproduced, "replay": self.replay}
+
+
+@attrs.define(eq=False)
+class Session:
+    """The run: shared by every example and every property of one pytest session."""
+
+    config: dict[str, Any]
+    """[tool.partywall] with command-line overrides applied."""
+    target: Target
+    seed: int
+    profile: str
+    replay_dir: Path
+    run_id: str = attrs.field(factory=lambda: secrets.token_hex(3))
+    """A per-process nonce in tenant prefixes and request ids: two runs with one seed never share tenants."""
+    history: History = attrs.field(factory=History)
+    registry: Registry = attrs.field(factory=Registry)
+    driver: Driver | None = None
+    mint: MarkerMint = attrs.field(init=False)
+    started: float = attrs.field(factory=time.time)
+    violations: list[ReportedViolation] = attrs.field(factory=list)
+    not_run: list[dict[str, str]] = attrs.field(factory=list)
+    error: str | None = None
+    stats: dict[str, Any] = attrs.field(factory=dict)
+    samples: dict[str, list[float]] = attrs.field(factory=dict)
+    """Latencies in ms per operation over the whole run (for percentile limits)."""
+    last_program: dict[str, Any] | None = None
+    """The step program of the example that ran last (after a failure: the shrunk one)."""
+    failures: list[dict[str, Any]] = attrs.field(factory=list)
+    _req: Any = attrs.field(factory=itertools.count, repr=False)
+    _example: Any = attrs.field(factory=itertools.count, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.mint = MarkerMint(self.seed)
+
+    @property
+    def can_crash(self) -> bool:
+        return self.target.can_crash
+
+    def start(self, observer: Observer) -> Driver:
+        self.target.start()
+        assert self.target.url is not None
+        self.driver = Driver(
+            self.target.url,
+            history=self.history,
+            observer=observer,
+            reply_timeout_s=float(self.config["reply_timeout_s"]),
+            connect_timeout_s=float(self.config["connect_timeout_s"]),
+        ).start()
+        return self.driver
+
+    def close(self) -> None:
+        if self.driver is not None:
+            self.driver.close()
+        self.target.stop()
+
+    def next_req_id(self) -> str:
+        """Request ids are unique per run, so a stray ``re`` is traced to its sender."""
+        return f"q{self.run_id}-{next(self._req)}"
+
+    def next_prefix(self) -> str:
+        """A tenant prefix unique to this run and example."""
+        return f"pw{self.run_id}e{next(self._example)}-"
+
+    def not_run_check(self, check: str, reason: str) -> None:
+        if not any(n["check"] == check for n in self.not_run):
+            self.not_run.append({"check": check, "reason": reason})
+
+    def report(self, violation: Violation, reproduced: str | None = None, replay: str | None = None) -> None:
+        self.violations.append(ReportedViolation(violation, reproduced, replay))
+
+    def replay_cmd(self, path: str) -> str:
+        return f"partywall replay {path}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.error is None and not self.violations,
+            "error": self.error,
+            "violations": [v.to_json() for v in self.violations],
+            "not_run": self.not_run,
+            "partywall_version": __version__,
+            "profile": self.profile,
+            "seed": self.seed,
+            "run_id": self.run_id,
+            "target": self.target.describe(),
+            "duration_s": round(time.time() - self.started, 3),
+            "stats": self.stats,
+        }
+
+    def write_report(self, path: str | os.PathLike[str]) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=2, ensure_ascii=False, default=str) + "\n")

@@ -1,0 +1,432 @@
+"""The invariants: what must hold on every frame and every read.
+
+Each check is registered under its invariant's name with a one-line
+docstring (``partywall run --list-invariants`` prints them). A check gets the
+model as it was when the event arrived, the event, and the parsed frame, and
+yields violations with the evidence a developer needs: the frame, the
+connection and tenant that received it, and the owner of what leaked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from partywall.adapter import FINAL_REPLY, REPLY_TYPES, Frame
+from partywall.checks import InvariantRegistry
+from partywall.errors import Violation
+from partywall.history import Event
+from partywall.markers import markers_in
+from props.model import Model
+
+INVARIANTS = InvariantRegistry()
+register = INVARIANTS.register
+
+INVARIANTS.describe("isolation", "nothing of another tenant reaches a connection, and foreign ids answer like nonexistent ones")
+INVARIANTS.describe("routing", "fan-out goes only to joined connections, and a reply only to the connection that asked")
+INVARIANTS.describe("durability", "acked messages and sent replies are in history, unchanged, after disconnects and crashes")
+INVARIANTS.describe("exactly-once", "each acked message gets one complete reply: no chunk missing, repeated or skipped")
+INVARIANTS.describe("ordering", "history is in commit order, each user message followed by its reply, chunks in seq order")
+INVARIANTS.describe("liveness", "every request on an open connection is answered in time, and the server stays up")
+INVARIANTS.describe("timing", "no per-operation limit or percentile limit of the profile is exceeded")
+INVARIANTS.describe("protocol", "every frame matches the schema of its type, errors carry the right code, never internal")
+
+FANOUT = ("thread_message", "agent_chunk", "agent_response")
+
+
+def _where(model: Model, ev: Event) -> dict[str, Any]:
+    conn = model.conns.get(ev.conn or "")
+    return {
+        "connection": ev.conn,
+        "tenant": conn.tenant if conn else None,
+        "user": conn.user if conn else None,
+    }
+
+
+def _frame_in(model: Model, ev: Event, frame: Frame | None) -> bool:
+    return ev.kind == "frame" and frame is not None and ev.conn in model.conns
+
+
+# -- isolation -----------------------------------------------------------------
+
+
+@register("isolation")
+def no_foreign_data(model: Model, ev: Event, frame: Frame | None) -> Iterator[Violation]:
+    """No marker, server id or user id of another tenant reaches a connection."""
+    if not _frame_in(model, ev, frame):
+        return
+    assert frame is not None
+    tenant = model.tenant_of(ev.conn)  # type: ignore[arg-type]
+    for marker in dict.fromkeys(markers_in(frame.raw)):
+        owner = model.registry.owner(marker)
+        if owner is None:
+            yield Violation("isolation", f"a marker this run never sent reached tenant {tenant!r}",
+                            {**_where(model, ev), "marker": marker, "frame": frame.raw})
+        elif owner.tenant != tenant:
+            yield Violation("isolation", f"tenant {owner.tenant!r}'s marker reached a connection of tenant {tenant!r}",
+                            {**_where(model, ev), "marker": marker, "owner_tenant": owner.tenant,
+                             "planted_by": owner.origin, "frame": frame.raw})
+    for field, value in dict.fromkeys(model.ids_in(frame.data)):
+        owner = model.registry.owner(value)
+        if owner is not None and owner.tenant != tenant:
+            yield Violation("isolation", f"tenant {owner.tenant!r}'s {owner.what} reached a connection of tenant {tenant!r}",
+                            {**_where(model, ev), "field": field, "id": value, "owner_tenant": owner.tenant,
+                             "first_seen": owner.origin, "frame": frame.raw})
+    known_users = model.users.get(tenant, set())
+    for user in dict.fromkeys(model.users_in(frame.data)):
+        if user not in known_users:
+            owners = sorted(t for t, us in model.users.items() if user in us)
+            yield Violation("isolation", f"user id {user!r}, not a user of tenant {tenant!r}, reached it",
+                            {**_where(model, ev), "user_id": user, "tenants_with_that_user": owners, "frame": frame.raw})
+
+
+@register("isolation")
+def identity_as_token(model: Model, ev: Event, frame: Frame | None) -> Iterator[Violation]:
+    """A welcome names the token's tenant and user; a token that must be refused opens nothing."""
+    if ev.kind == "ok" and ev.op == "connect" and ev.conn in model.conns:
+        conn = model.conns[ev.conn]
+        if conn.token_kind != "valid":
+            yield Violation("isolation", f"a token that must be refused ({conn.token_kind}) opened a connection",
+                            {**_where(model, ev), "token_kind": conn.token_kind, "welcome": ev.data.get("welcome")})
+        welcome = ev.data.get("welcome") or {}
+        if welcome and (welcome.get("tenant") != conn.tenant or welcome.get("user") != conn.user):
+            yield Violation("isolation", "the welcome names another identity than the token",
+                            {**_where(model, ev), "token": {"tid": conn.tenant, "sub": conn.user}, "welcome": welcome})
+
+
+@register("isolation")
+def foreign_like_absent(model: Model, ev: Event, frame: Frame | None) -> Iterator[Violation]:
+    """An id of another tenant is answered exactly like an id that does not exist."""
+    if not _frame_in(model, ev, frame) or frame is None or frame.re not in model.probes:
+        return
+    probe = model.probes[frame.re]
+    mine = "foreign" if probe["foreign"] == frame.re else "absent"
+    other = probe["absent"] if mine == "foreign" else probe["foreign"]
+    if mine == "foreign" and frame.type != "error":
+        yield Violation("isolation", f"{probe['request']} on another tenant's thread was answered with {frame.type!r}, not not_found",
+                        {**_where(model, ev), "probe": probe, "frame": frame.raw})
+        return
+    other_reply = model.probe_replies.get(other)
+    if other_reply is None or frame.type not in ("error",) and mine == "absent":
+        return
+    mine_cmp = {k: v for k, v in frame.data.items() if k != "re"}
+    other_cmp = {k: v for k, v in other_reply.items() if k != "re"}
+    if mine_cmp != other_cmp:
+        foreign_reply, absent_reply = (mine_cmp, other_cmp) if mine == "foreign" else (other_cmp, mine_cmp)
+        yield Violation("isolation", "another tenant's thread id is answered differently from an id that does not exist",
+                        {**_where(model, ev), "probe": probe, "foreign_reply": foreign_reply, "absent_reply": absent_reply})
+
+
+# -- routing -------------------------------------------------------------------
+
+
+@register("routing")
+def replies_to_sender(model: Model, ev: Event, frame: Frame | None) -> Iterator[Violation]:
+    """A frame with ``re`` reaches only the connection that sent that request id."""
+    if not _frame_in(model, ev, frame) or frame is None or frame.re is None:
+        return
+    req = model.reqs.get(frame.re)
+    if req is None:
+        yield Violation("routing", f"a {frame.type!r} frame answers request {frame.re!r}, which no connection of this run sent",
+                        {**_where(model, ev), "frame": frame.raw})
+    elif req.conn != ev.conn:
+        sender = model.conns[req.conn]
+        yield Violation("routing", f"the reply to {req.conn}'s request reached {ev.conn}",
+                        {**_where(model, ev), "sender": req.conn, "sender_tenant": sender.tenant, "frame": frame.raw})
+
+
+@register("routing")
+def fanout_to_members(model: Model, ev: Event, frame: Frame | None) -> Iterator[Violation]:
+    """Fan-out of a thread reaches only connections that joined it and have not left."""
+    if not _frame_in(model, ev, frame) or frame is None or frame.re is not None or frame.type not in FANOUT:
+        return
+    thread = frame.data.get("thread_id")
+    if isinstance(thread, str) and not model.is_member(ev.conn, thread, ev.t):  # type: ignore[arg-type]
+        spans = [(round(m.start, 3), m.end and round(m.end, 3)) for m in model.members.get((ev.conn, thread), [])]  # type: ignore[index]
+        what = "has left" if spans else "never joined"
+        yield Violation("routing", f"{frame.type} of a thread reached a connection that {what} it",
+                        {**_where(model, ev), "thread_id": thread, "memberships": spans, "frame": frame.raw})
+
+
+# -- durability ----------------------------------------------------------------
+
+
+@register("durability")
+def history_keeps_commits(model: Model, ev: Event, frame: Frame | None) -> Iterator[Violation]:
+    """Every message acked and reply sent before a history read is in it, unchanged."""
+    if not _frame_in(model, ev, frame) or frame is None or frame.type != "history":
+        return
+    req = model.reqs.get(frame.re or "")
+    if req is None or req.conn != ev.conn or req.expect_history is None:
+        return
+    got = frame.data.get("messages")
+    if not isinstance(got, list):
+        return
+    by_id = {m.get("message_id"): m for m in got if isinstance(m, dict)}
+    limit = req.fields.get("limit")
+    windowed = isinstance(limit, int) and not isinstance(limit, bool)
+    expected = req.expect_history
+    if windowed and len(got) < min(limit, len(expected)):
+        yield Violation("durability", f"history with limit {limit} returned {len(got)} messages; at least {min(limit, len(expected))} were committed",
+                        {**_where(model, ev), "thread_id": req.fields.get("thread_id"), "crashes_so_far": model.crashes, "frame": frame.raw})
+    for msg in expected:
+        item = by_id.get(msg.message_id)
+        if item is None:
+            if windowed:
+                continue  # older than the window: only the newest `limit` are returned
+            yield Violation("durability", f"an {'acked message' if msg.role == 'user' else 'sent reply'} is missing from history",
+                            {**_where(model, ev), "thread_id": msg.thread_id, "message_id": msg.message_id, "role": msg.role,
+                             "content": msg.content[:200], "request": msg.req_id, "crashes_so_far": model.crashes,
+                             "history_ids": list(by_id)})
+        elif item.get("content") != msg.content or item.get("role") != msg.role or (
+            msg.role == "user" and item.get("user") != msg.user
+        ):
+            yield Violation("durability", "a committed message reads back different from what was acked or sent",
+                            {**_where(model, ev), "message_id": msg.message_id,
+                             "expected": {"role": msg.role, "user": msg.user, "content": msg.content[:300]},
+                             "got": {k: (v[:300] if isinstance(v, str) else v) for k, v in item.items()}})
+
+
+@register("durability")
+def threads_kept(model: Model, ev: Event, frame: Frame | None) -> Iterator[Violation]:
+    """Every thread the tenant started is in its thread list."""
+    if not _frame_in(model, ev, frame) or frame is None or frame.type != "threads":
+        return
+    req = model.reqs.get(frame.re or "")
+    if req is None or req.conn != ev.conn or req.expect_threads is None:
+        return
+    listed = {t.get("thread_id") for t in frame.data.get("threads", []) if isinstance(t, dict)}
+    for thread in sorted(req.expect_threads - listed):
+        yield Violation("durability", "a thread the tenant started is missing from list_threads",
+                        {**_where(model, ev), "thread_id": thread, "crashes_so_far": model.crashes})
+
+
+# -- exactly-once ----------------------------------------------------------------
+
+
+def _assembled(chunks: dict[int, str]) -> tuple[list[int], str]:
+    missing = [i for i in range(max(chunks, default=-1) + 1) if i not in chunks]
+    return missing, "".join(chunks[i] for i in sorted(chunks))
+
+
+@register("exactly-once")
+def one_complete_reply(model: Model, ev: Event, frame: Frame | None) -> Iterator[Violation]:
+    """Each acked message gets one reply; chunks none missing or repeated; deltas add up to it."""
+    if _frame_in(model, ev, frame) and frame is not None:
+        req = model.reqs.get(frame.re or "")
+        data = frame.data
+        if req is not None and req.conn == ev.conn and req.type == "user_message":
+            if frame.type == "ack" and req.acked is not None:
+                yield Violation("exactly-once", "a message was acked twice", {**_where(model, ev), "request": req.req_id, "frame": frame.raw})
+            elif frame.type == "agent_chunk" and data.get("seq") in req.chunks:
+                yield Violation("exactly-once", f"chunk seq {data.get('seq')} was sent twice", {**_where(model, ev), "request": req.req_id, "frame": frame.raw})
+            elif frame.type == "agent_response":
+                if req.responses:
+                    yield Violation("exactly-once", "a message got a second agent_response", {**_where(model, ev), "request": req.req_id, "frame": frame.raw})
+                    return
+                yield from _check_assembly(model, ev, frame, req.chunks, req.req_id)
+        elif frame.re is None and isinstance(data.get("thread_id"), str):
+            key = (ev.conn, data["thread_id"])
+            turn = model.fanout.get(key)  # type: ignore[arg-type]
+            if frame.type == "agent_chunk" and turn is not None and data.get("seq") in turn.seqs and data.get("seq") != 0:
+                yield Violation("exactly-once", f"fan-out chunk seq {data.get('seq')} was delivered twice", {**_where(model, ev), "frame": frame.raw})
+            elif frame.type == "agent_response":
+                if (ev.conn, data.get("message_id")) in model.fanout_responses:
+                    yield Violation("exactly-once", "a fan-out agent_response was delivered twice", {**_where(model, ev), "frame": frame.raw})
+                elif turn is not None and 0 in turn.seqs:
+                    yield from _check_assembly(model, ev, frame, turn.deltas, None)
+    elif ev.kind == "info" and ev.op == "timeout":
+        req = model.reqs.get(ev.req_id or "")
+        if req is not None and req.type == "user_message" and req.acked is not None and not req.responses:
+            yield Violation("exactly-once", f"an acked message got no agent_response within {ev.data.get('limit_s')} s",
+                            {**_where(model, ev), "request": req.req_id, "message_id": req.acked,
+                             "chunks_received": sorted(req.chunks)})
+
+
+def _check_assembly(model: Model, ev: Event, frame: Frame, chunks: dict[int, str], req_id: str | None) -> Iterator[Violation]:
+    missing, joined = _assembled(chunks)
+    content = frame.data.get("content")
+    if missing:
+        yield Violation("exactly-once", f"agent_response arrived with chunk seq {missing} missing",
+                        {**_where(model, ev), "request": req_id, "received_seqs": sorted(chunks), "frame": frame.raw})
+    elif isinstance(content, str) and joined != content:
+        yield Violation("exactly-once", "the chunks' deltas do not add up to the agent_response content",
+                        {**_where(model, ev), "request": req_id, "deltas_joined": joined[:300], "content": content[:300]})
+
+
+# -- ordering ------------------------------------------------------------------
+
+
+@register("ordering")
+def history_in_commit_order(model: Model, ev: Event, frame: Frame | None) -> Iterator[Violation]:
+    """History alternates user message and its reply, in the order the suite saw them commit."""
+    if not _frame_in(model, ev, frame) or frame is None or frame.type != "history":
+        return
+    req = model.reqs.get(frame.re or "")
+    got = frame.data.get("messages")
+    if req is None or req.conn != ev.conn or not isinstance(got, list):
+        return
+    items = [m for m in got if isinstance(m, dict)]
+    windowed = "limit" in req.fields
+    roles = [m.get("role") for m in items]
+    where = {**_where(model, ev), "thread_id": req.fields.get("thread_id"), "roles": roles,
+             "ids": [m.get("message_id") for m in items]}
+    for i in range(1, len(roles)):
+        if roles[i] == roles[i - 1]:
+            yield Violation("ordering", f"history has two {roles[i]} messages in a row (positions {i - 1} and {i})", where)
+            return
+    if roles and roles[0] != "user" and not windowed:
+        yield Violation("ordering", "history starts with a reply, not a user message", where)
+        return
+    pos = {m.get("message_id"): i for i, m in enumerate(items)}
+    known = [model.msgs[mid] for mid in pos if mid in model.msgs]
+    for m in known:
+        if m.role != "user":
+            continue
+        reply = next((r for r in model.msgs.values() if r.role == "assistant" and r.req_id == m.req_id), None)
+        if reply is not None and reply.message_id in pos and pos[reply.message_id] != pos[m.message_id] + 1:
+            yield Violation("ordering", "a user message is not followed by its own reply",
+                            {**where, "message_id": m.message_id, "reply_id": reply.message_id})
+            return
+    for a in known:
+        for b in known:
+            if b.role == "user" and a.known_t < b.invoke_t and pos[a.message_id] > pos[b.message_id]:
+                yield Violation("ordering", "history puts a message before one that was committed earlier",
+                                {**where, "earlier": a.message_id, "later": b.message_id})
+                return
+
+
+@register("ordering")
+def chunks_in_order(model: Model, ev: Event, frame: Frame | None) -> Iterator[Violation]:
+    """A reply's chunks arrive in seq order; an audit finds every user message answered."""
+    if _frame_in(model, ev, frame) and frame is not None and frame.type == "agent_chunk":
+        req = model.reqs.get(frame.re or "")
+        seq = frame.data.get("seq")
+        if req is not None and req.conn == ev.conn and isinstance(seq, int) and seq < req.max_seq and seq not in req.chunks:
+            yield Violation("ordering", f"chunk seq {seq} arrived after seq {req.max_seq}", {**_where(model, ev), "request": req.req_id, "frame": frame.raw})
+    elif ev.kind == "info" and ev.op == "audit_unanswered":
+        yield Violation("ordering", "a stored user message has no reply after the run settled",
+                        {**_where(model, ev), **dict(ev.data)})
+
+
+# -- liveness ------------------------------------------------------------------
+
+
+@register("liveness")
+def answered_in_time(model: Model, ev: Event, frame: Frame | None) -> Iterator[Violation]:
+    """Every request on an open connection gets its reply within the limit; the server stays up."""
+    if ev.kind == "info" and ev.op == "timeout":
+        req = model.reqs.get(ev.req_id or "")
+        if req is not None and not (req.type == "user_message" and req.acked is not None):
+            yield Violation("liveness", f"{req.type} got no {'reply' if req.type != 'user_message' else 'ack'} within {ev.data.get('limit_s')} s",
+                            {**_where(model, ev), "request": req.req_id, "fields": {k: str(v)[:80] for k, v in req.fields.items()}})
+    elif ev.kind == "info" and ev.op == "connect" and ev.data.get("reason") == "timeout":
+        yield Violation("liveness", f"the handshake got no welcome within {ev.data.get('limit_s')} s", _where(model, ev))
+    elif ev.kind == "info" and ev.op == "died":
+        yield Violation("liveness", "the server exited by itself", dict(ev.data))
+
+
+# -- timing ----------------------------------------------------------------------
+
+_LIMIT_OF = {"connect": "connect_ms", "start_agent": "start_agent_ms", "user_message": "response_ms", "get_history": "history_ms"}
+
+
+@register("timing")
+def within_limits(model: Model, ev: Event, frame: Frame | None) -> Iterator[Violation]:
+    """No single operation takes longer than the profile's limit for it."""
+    if ev.kind == "ok" and ev.op in _LIMIT_OF and "latency_ms" in ev.data:
+        limit = model.limits.get(_LIMIT_OF[ev.op])
+        actual = float(ev.data["latency_ms"])
+        if limit is not None and actual > limit:
+            yield Violation("timing", f"{ev.op} took {actual:.0f} ms, over the limit of {limit} ms",
+                            {**_where(model, ev), "operation": ev.op, "actual_ms": round(actual, 1), "limit_ms": limit})
+    elif _frame_in(model, ev, frame) and frame is not None and frame.type == "ack":
+        req = model.reqs.get(frame.re or "")
+        limit = model.limits.get("ack_ms")
+        if req is not None and req.acked is None and limit is not None and (ev.t - req.t) * 1000 > limit:
+            actual = (ev.t - req.t) * 1000
+            yield Violation("timing", f"ack took {actual:.0f} ms, over the limit of {limit} ms",
+                            {**_where(model, ev), "operation": "ack", "actual_ms": round(actual, 1), "limit_ms": limit})
+
+
+def percentile_violations(samples: dict[str, list[float]], limits: dict[str, Any]) -> list[Violation]:
+    """Run-level percentile checks (`timing`), over at least ``min_samples`` samples."""
+    from partywall.stats import summarize
+
+    out = []
+    need = int(limits.get("min_samples", 20))
+    for op, key in (("start_agent", "start_agent_p95_ms"), ("user_message", "response_p95_ms")):
+        limit = limits.get(key)
+        values = samples.get(op, [])
+        if limit is None or len(values) < need:
+            continue
+        summary = summarize(values, 0)
+        if summary["p95"] > limit:
+            out.append(Violation("timing", f"{op} p95 is {summary['p95']:.0f} ms, over the limit of {limit} ms",
+                                 {"operation": op, "percentile": 95, "actual_ms": round(summary["p95"], 1),
+                                  "limit_ms": limit, "n": summary["n"]}))
+    return out
+
+
+# -- protocol ------------------------------------------------------------------
+
+
+@register("protocol")
+def frames_match_schema(model: Model, ev: Event, frame: Frame | None) -> Iterator[Violation]:
+    """Every frame is a JSON object matching its type's schema; no ``internal`` errors."""
+    if not _frame_in(model, ev, frame) or frame is None:
+        return
+    if frame.problems:
+        yield Violation("protocol", f"a frame breaks the schema: {frame.problems[0]}",
+                        {**_where(model, ev), "problems": list(frame.problems), "frame": frame.raw})
+    if frame.type == "error" and frame.data.get("code") == "internal":
+        yield Violation("protocol", "the server answered with error code internal",
+                        {**_where(model, ev), "frame": frame.raw})
+    if frame.type == "welcome" and frame.data.get("protocol") != 1:
+        yield Violation("protocol", f"welcome says protocol {frame.data.get('protocol')!r}, not 1", {**_where(model, ev), "frame": frame.raw})
+    conn = model.conns[ev.conn]  # type: ignore[index]
+    if frame.type == "error" and frame.re is None and frame.data.get("code") != "too_large" and conn.unsolicited_errors == 0:
+        yield Violation("protocol", "an error without re arrived that no request of this connection provoked",
+                        {**_where(model, ev), "frame": frame.raw})
+    if frame.type == "error" and frame.data.get("code") == "too_large" and frame.re is not None:
+        yield Violation("protocol", "a too_large error carries re (the oversized frame must not be parsed)",
+                        {**_where(model, ev), "frame": frame.raw})
+    req = model.reqs.get(frame.re or "")
+    if req is None or req.conn != ev.conn or frame.type == "error" or req.type.startswith("raw:"):
+        return
+    allowed = REPLY_TYPES.get(req.type, ())
+    if frame.type not in allowed:
+        yield Violation("protocol", f"a {req.type} request was answered with {frame.type!r} (expected {' / '.join(allowed)})",
+                        {**_where(model, ev), "request": req.req_id, "frame": frame.raw})
+    elif req.type == "user_message" and frame.type in ("agent_chunk", "agent_response") and req.acked is None:
+        yield Violation("protocol", f"{frame.type} arrived before the message's ack", {**_where(model, ev), "request": req.req_id, "frame": frame.raw})
+    elif req.outcome is not None and frame.type == FINAL_REPLY.get(req.type) and req.type != "user_message":
+        yield Violation("protocol", f"a {req.type} request got a second {frame.type}", {**_where(model, ev), "request": req.req_id, "frame": frame.raw})
+
+
+@register("protocol")
+def right_outcome(model: Model, ev: Event, frame: Frame | None) -> Iterator[Violation]:
+    """Each request gets the outcome the protocol prescribes: success, or the right error code."""
+    if ev.kind not in ("ok", "fail") or ev.op == "connect":
+        return
+    req = model.reqs.get(ev.req_id or "")
+    if req is None or req.outcome is not None:
+        return
+    got = "ok" if ev.kind == "ok" else (frame.data.get("code") if frame is not None else "error")
+    if got == "rate_limited":
+        return  # a legitimate answer when too much is in flight; the suite stays far below 64
+    if got not in req.accepts:
+        yield Violation("protocol", f"{req.type} got {got!r}; the protocol requires {' or '.join(sorted(req.accepts))}",
+                        {**_where(model, ev), "request": req.req_id,
+                         "fields": {k: (v if not isinstance(v, str) or len(v) < 100 else f"<{len(v.encode('utf-8', 'surrogatepass'))} bytes>") for k, v in req.fields.items()},
+                         "frame": frame.raw if frame is not None else None})
+
+
+@register("protocol")
+def oversize_closes_1009(model: Model, ev: Event, frame: Frame | None) -> Iterator[Violation]:
+    """A client message over 64 KiB gets too_large and a close with code 1009."""
+    if ev.kind == "info" and ev.op == "closed" and ev.conn in model.conns:
+        conn = model.conns[ev.conn]
+        if conn.closing_1009 and ev.data.get("code") != 1009:
+            yield Violation("protocol", f"after an oversized frame the server closed with {ev.data.get('code')!r}, not 1009",
+                            {**_where(model, ev), "close": dict(ev.data)})

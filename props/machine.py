@@ -1,0 +1,565 @@
+"""The state machine: generated interleavings of tenants over real sockets.
+
+Bundles hold tenants, users, connections and threads. Rules cover the whole
+protocol: connects (header or query token, and tokens that must be refused),
+clean closes and abrupt drops, agent starts, joins and leaves, messages sent
+without waiting for their replies (replies stream while later steps run),
+history reads with and without ``limit``, thread lists, pings, malformed
+frames, bursts that fire several operations at the same instant, a settle
+step, and, when the suite started the server itself, a SIGKILL and restart.
+
+An operation that crosses tenants is a probe: it names another tenant's real
+thread id and, at the same instant, an id that does not exist; the two
+answers must be equal but for ``re``.
+
+Each step is recorded (rule and arguments, bundle values by name) so a
+failing program can be replayed step by step (`props.replay`).
+"""
+
+from __future__ import annotations
+
+import functools
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import trio
+from hypothesis import event, note, target
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    MultipleResults,
+    consumes,
+    initialize,
+    multiple,
+    invariant,
+    precondition,
+    rule,
+)
+
+from partywall import tokens
+from partywall.checks import Checker
+from partywall.driver import Conn, Refused
+from partywall.errors import Violation
+from partywall.session import Session
+from props.invariants import INVARIANTS
+from props.model import Model
+from strategies import (
+    ContentPlan,
+    assistant_names,
+    bad_assistant_names,
+    bad_frame,
+    bad_frames,
+    build_content,
+    contents,
+    history_limits,
+    tenant_bases,
+    token_kinds,
+    user_ids,
+)
+
+MAX_TENANTS = 4
+MAX_USERS = 6
+MAX_CONNS = 8
+MAX_THREADS = 8
+MAX_CRASHES = 1
+
+
+@attrs.frozen
+class TenantRef:
+    name: str
+    tid: str
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+@attrs.frozen
+class UserRef:
+    name: str
+    tenant: TenantRef
+    uid: str
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+@attrs.frozen
+class ThreadRef:
+    name: str
+    tenant: TenantRef
+    thread_id: str | None
+    """None when the start failed; steps then skip the thread."""
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+@attrs.frozen
+class ConnRef:
+    name: str
+    user: UserRef
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def recorded(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Record each call of a rule (name and arguments) in the machine's program."""
+
+    @functools.wraps(fn)
+    def wrapper(self: TenantMachine, **kwargs: Any) -> Any:
+        self.step_no += 1
+        self.session.history.step = self.step_no
+        entry = {"rule": fn.__name__, "args": {k: encode_arg(v) for k, v in kwargs.items()}, "then": None}
+        self.program.append(entry)
+        self.outcome = ""
+        try:
+            return fn(self, **kwargs)
+        finally:
+            entry["then"] = self.outcome
+            note(f"step {self.step_no}: {fn.__name__} -> {self.outcome}")
+
+    return wrapper
+
+
+def encode_arg(value: Any) -> Any:
+    if isinstance(value, (TenantRef, UserRef, ThreadRef, ConnRef)):
+        return {"ref": value.name}
+    if isinstance(value, ContentPlan):
+        return {"content": [value.size, value.text]}
+    if isinstance(value, list):
+        return [encode_arg(v) for v in value]
+    return value
+
+
+class TenantMachine(RuleBasedStateMachine):
+    """Tenants connecting, starting agents and talking, all at once, over real sockets."""
+
+    #: Set by the property before running: the run this machine belongs to.
+    session: Session
+
+    tenants = Bundle("tenants")
+    users = Bundle("users")
+    conns = Bundle("conns")
+    threads = Bundle("threads")
+
+    def __init__(self) -> None:
+        super().__init__()
+        s = self.session
+        assert s.driver is not None
+        self.driver = s.driver
+        self.prefix = s.next_prefix()
+        limits = dict(s.config["timing"])
+        self.model = Model(s.registry, limits)
+        self.checker = Checker(self.model, INVARIANTS.select(), s.history)
+        self.driver.observer = self.checker
+        self.program: list[dict[str, Any]] = []
+        self.step_no = 0
+        self.outcome = ""
+        self.refs: dict[str, Any] = {}
+        self.counts = {"t": 0, "u": 0, "c": 0, "th": 0}
+        self.raised: Violation | None = None
+        self.seen_first = 0
+        self.allow_crash = s.can_crash
+        self.crashes = 0
+        self.settled_at = 0
+        self.slowest_start = 0.0
+
+    # -- helpers ------------------------------------------------------------------
+
+    def _name(self, kind: str) -> str:
+        n = self.counts[kind]
+        self.counts[kind] += 1
+        return f"{kind}{n}"
+
+    def _keep(self, obj: Any) -> Any:
+        self.refs[obj.name] = obj
+        return obj
+
+    def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self.driver.call(fn, *args)
+
+    def _open(self, conn: ConnRef, thread: ThreadRef | None = None) -> bool:
+        if thread is not None and thread.thread_id is None:
+            self.outcome = f"{thread.name} never started"
+            return False
+        c = self.driver.conns.get(conn.name)
+        if not (c and c.open):
+            self.outcome = f"{conn.name} is closed"
+            return False
+        return True
+
+    def _fire(self, conn: ConnRef, req_type: str, fields: dict[str, Any], t: float | None = None) -> Any:
+        return self._call(self.driver.send, conn.name, req_type, self.session.next_req_id(), fields, t)
+
+    def _marker_content(self, plan: ContentPlan) -> str:
+        return build_content(plan, self.session.mint.next())
+
+    def _absent_thread_id(self, like: str) -> str:
+        # Same length and alphabet as a real id, so only existence differs.
+        alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_"
+        return "".join(secrets.choice(alphabet) for _ in like) or "x"
+
+    def _probe(self, conn: ConnRef, req_type: str, thread: ThreadRef, fields: dict[str, Any]) -> None:
+        """Name another tenant's real thread and a nonexistent one at the same instant."""
+        absent_id = self._absent_thread_id(thread.thread_id)
+        foreign, absent = self.session.next_req_id(), self.session.next_req_id()
+
+        async def both() -> None:
+            await self.driver.note("probe", conn.name, {"foreign": foreign, "absent": absent, "request": req_type,
+                                                        "thread": thread.name, "owner_tenant": thread.tenant.tid})
+            t = time.monotonic()
+            async with trio.open_nursery() as n:
+                n.start_soon(self.driver.send, conn.name, req_type, foreign, {**fields, "thread_id": thread.thread_id}, t)
+                n.start_soon(self.driver.send, conn.name, req_type, absent, {**fields, "thread_id": absent_id}, t)
+
+        self._call(both)
+        event(f"probe {req_type} across tenants")
+        self.outcome = f"probed {thread.name} of {thread.tenant.name} from {conn.name}"
+
+    # -- tenants and users --------------------------------------------------------
+
+    @initialize(target=tenants, first=tenant_bases(), second=tenant_bases())
+    @recorded
+    def two_tenants(self, first: str, second: str) -> MultipleResults[TenantRef]:
+        """Every example starts with two tenants of its own (often near-identical names)."""
+        a = self._keep(TenantRef(self._name("t"), (self.prefix + first)[:64]))
+        b = self._keep(TenantRef(self._name("t"), (self.prefix + second)[:64]))
+        self.outcome = f"tenants {a.tid!r} and {b.tid!r}"
+        return multiple(a, b) if a.tid != b.tid else multiple(a)
+
+    @precondition(lambda self: self.counts["t"] < MAX_TENANTS)
+    @rule(target=tenants, base=tenant_bases())
+    @recorded
+    def add_tenant(self, base: str) -> TenantRef:
+        tid = (self.prefix + base)[:64]
+        ref = self._keep(TenantRef(self._name("t"), tid))
+        self.outcome = f"tenant {tid!r}"
+        return ref
+
+    @precondition(lambda self: self.counts["u"] < MAX_USERS)
+    @rule(target=users, tenant=tenants, uid=user_ids())
+    @recorded
+    def add_user(self, tenant: TenantRef, uid: str) -> UserRef:
+        ref = self._keep(UserRef(self._name("u"), tenant, uid))
+        self.outcome = f"user {uid!r} of {tenant.name}"
+        return ref
+
+    # -- connections ---------------------------------------------------------------
+
+    @precondition(lambda self: self.counts["c"] < MAX_CONNS)
+    @rule(target=conns, user=users, via=st.sampled_from(["header", "query"]))
+    @recorded
+    def connect(self, user: UserRef, via: str) -> ConnRef:
+        name = self._name("c")
+        token = tokens.mint(self.session.target.secret, user.tenant.tid, user.uid)
+        result = self._call(self.driver.connect, name, user.tenant.tid, user.uid, token, via)
+        if isinstance(result, Refused):
+            self.outcome = f"{name} refused: {result.reason}"
+            self.checker.record(Violation("liveness", f"a valid token was refused at the handshake ({result.reason})",
+                                          {"connection": name, "tenant": user.tenant.tid, "user": user.uid, "via": via}))
+            # The ref still goes in the bundle (a closed connection): what a bundle holds
+            # must not depend on the server's answers, or Hypothesis cannot replay a choice.
+            return self._keep(ConnRef(name, user))
+        self.outcome = f"{name} open as {user.tenant.name}/{user.uid!r} via {via}"
+        event(f"connect via {via}")
+        return self._keep(ConnRef(name, user))
+
+    @rule(user=users, kind=token_kinds(), via=st.sampled_from(["header", "query"]))
+    @recorded
+    def connect_refused(self, user: UserRef, kind: str, via: str) -> None:
+        name = self._name("c")
+        token = tokens.mint_bad(kind, self.session.target.secret, user.tenant.tid, user.uid)
+        result = self._call(self.driver.connect, name, user.tenant.tid, user.uid, token, via, kind)
+        if isinstance(result, Conn):
+            self.outcome = f"{kind} token OPENED {name}"
+            self._call(self.driver.disconnect, name, False)
+        else:
+            self.outcome = f"{kind} token refused ({result.reason})"
+
+    @rule(conn=consumes(conns), abrupt=st.booleans())
+    @recorded
+    def disconnect(self, conn: ConnRef, abrupt: bool) -> None:
+        self._call(self.driver.disconnect, conn.name, abrupt)
+        self.outcome = f"{conn.name} {'dropped' if abrupt else 'closed'}"
+
+    # -- agents and threads --------------------------------------------------------------
+
+    @precondition(lambda self: self.counts["th"] < MAX_THREADS)
+    @rule(target=threads, conn=conns, assistant=assistant_names())
+    @recorded
+    def start_agent(self, conn: ConnRef, assistant: str) -> ThreadRef:
+        name = self._name("th")
+        reply = None
+        if self._open(conn):
+            pending = self._fire(conn, "start_agent", {"assistant": assistant})
+            reply = self._call(self.driver.wait, pending) if pending else None
+        if reply is None or reply.type != "agent_started" or not isinstance(reply.data.get("thread_id"), str):
+            # A thread that never started still enters the bundle (see connect); steps skip it.
+            self.outcome = f"no agent: {reply.raw[:120] if reply else 'no reply (connection closed?)'}"
+            return self._keep(ThreadRef(name, conn.user.tenant, None))
+        self.slowest_start = max(self.slowest_start, float(reply.data.get("startup_ms", 0.0)))
+        ref = self._keep(ThreadRef(name, conn.user.tenant, reply.data["thread_id"]))
+        self.outcome = f"{ref.name} started by {conn.name} ({assistant!r})"
+        return ref
+
+    @rule(conn=conns, assistant=bad_assistant_names())
+    @recorded
+    def start_agent_bad_name(self, conn: ConnRef, assistant: str) -> None:
+        if self._open(conn):
+            self._fire(conn, "start_agent", {"assistant": assistant})
+        self.outcome = f"start_agent with invalid name {assistant!r}"
+
+    @rule(conn=conns, thread=threads)
+    @recorded
+    def join(self, conn: ConnRef, thread: ThreadRef) -> None:
+        if not self._open(conn, thread):
+            pass
+        elif conn.user.tenant != thread.tenant:
+            self._probe(conn, "join_thread", thread, {})
+        else:
+            pending = self._fire(conn, "join_thread", {"thread_id": thread.thread_id})
+            reply = self._call(self.driver.wait, pending) if pending else None
+            self.outcome = f"{conn.name} join {thread.name}: {reply.type if reply else 'no reply'}"
+
+    @rule(conn=conns, thread=threads)
+    @recorded
+    def leave(self, conn: ConnRef, thread: ThreadRef) -> None:
+        if not self._open(conn, thread):
+            pass
+        elif conn.user.tenant != thread.tenant:
+            self._probe(conn, "leave_thread", thread, {})
+        else:
+            pending = self._fire(conn, "leave_thread", {"thread_id": thread.thread_id})
+            reply = self._call(self.driver.wait, pending) if pending else None
+            self.outcome = f"{conn.name} leave {thread.name}: {reply.type if reply else 'no reply'}"
+
+    # -- messages and reads ----------------------------------------------------------
+
+    @rule(conn=conns, thread=threads, plan=contents())
+    @recorded
+    def send_message(self, conn: ConnRef, thread: ThreadRef, plan: ContentPlan) -> None:
+        """Send without waiting: the reply streams while the next steps run."""
+        if not self._open(conn, thread):
+            return
+        content = self._marker_content(plan)
+        if conn.user.tenant != thread.tenant:
+            self._probe(conn, "user_message", thread, {"content": content})
+            return
+        self._fire(conn, "user_message", {"thread_id": thread.thread_id, "content": content})
+        event(f"message {plan.size}")
+        self.outcome = f"{conn.name} sent {len(content.encode())} bytes to {thread.name}"
+
+    @rule(conn=conns, thread=threads, limit=history_limits())
+    @recorded
+    def read_history(self, conn: ConnRef, thread: ThreadRef, limit: object) -> None:
+        if not self._open(conn, thread):
+            return
+        fields: dict[str, Any] = {} if limit is None else {"limit": limit}
+        if conn.user.tenant != thread.tenant:
+            self._probe(conn, "get_history", thread, fields)
+            return
+        self._fire(conn, "get_history", {"thread_id": thread.thread_id, **fields})
+        self.outcome = f"{conn.name} reads {thread.name} (limit {limit!r})"
+
+    @rule(conn=conns)
+    @recorded
+    def list_threads(self, conn: ConnRef) -> None:
+        if self._open(conn):
+            self._fire(conn, "list_threads", {})
+        self.outcome = f"{conn.name} lists threads"
+
+    @rule(conn=conns)
+    @recorded
+    def ping(self, conn: ConnRef) -> None:
+        if self._open(conn):
+            self._fire(conn, "ping", {})
+        self.outcome = f"{conn.name} pings"
+
+    @rule(conn=conns, kind=bad_frames())
+    @recorded
+    def send_bad_frame(self, conn: ConnRef, kind: str) -> None:
+        if not self._open(conn):
+            return
+        message, rid, readable, expect = bad_frame(kind, self.session.next_req_id())
+        self._call(functools.partial(self.driver.send_raw, conn.name, message, note=kind, req_id=rid,
+                                     readable=readable, expect=expect))
+        event(f"bad frame {kind}")
+        self.outcome = f"{conn.name} sent a bad frame ({kind}), expecting {expect}"
+
+    @rule(
+        conns_=st.lists(conns, min_size=1, max_size=4),
+        threads_=st.lists(threads, min_size=1, max_size=4),
+        kinds=st.lists(st.sampled_from(["start_agent", "user_message", "get_history", "join_thread", "ping"]),
+                       min_size=2, max_size=6),
+        plan=contents(),
+    )
+    @recorded
+    def burst(self, conns_: list[ConnRef], threads_: list[ThreadRef], kinds: list[str], plan: ContentPlan) -> None:
+        """Fire several operations at the same instant, on several connections."""
+        ops = []
+        for i, kind in enumerate(kinds):
+            conn = conns_[i % len(conns_)]
+            thread = threads_[i % len(threads_)]
+            if kind not in ("start_agent", "ping") and (thread.thread_id is None or conn.user.tenant != thread.tenant):
+                continue
+            if not self._open(conn):
+                continue
+            if kind == "start_agent":
+                fields: dict[str, Any] = {"assistant": "helper"}
+            elif kind == "user_message":
+                fields = {"thread_id": thread.thread_id, "content": self._marker_content(plan)}
+            elif kind == "ping":
+                fields = {}
+            else:
+                fields = {"thread_id": thread.thread_id}
+            ops.append((conn.name, kind, self.session.next_req_id(), fields))
+
+        async def fire() -> None:
+            t = time.monotonic()
+            async with trio.open_nursery() as n:
+                for name, kind, rid, fields in ops:
+                    n.start_soon(self.driver.send, name, kind, rid, fields, t)
+
+        self._call(fire)
+        event(f"burst of {len(ops)}")
+        self.outcome = f"burst: {', '.join(f'{c}:{k}' for c, k, _, _ in ops) or 'nothing open'}"
+
+    @precondition(lambda self: self.step_no - self.settled_at >= 3)
+    @rule()
+    @recorded
+    def settle(self) -> None:
+        self.settled_at = self.step_no
+        left = self._call(self.driver.settle)
+        self.outcome = f"settled ({len(left)} still pending)"
+
+    @precondition(lambda self: self.allow_crash and self.crashes < MAX_CRASHES and self.counts["th"] > 0)
+    @rule()
+    @recorded
+    def crash_and_restart(self) -> None:
+        """SIGKILL the server mid-flight, start it again on the same storage."""
+        s = self.session
+        self._call(self.driver.note, "crash", None, {"url": s.target.url})
+        self.crashes += 1
+        s.target.kill()
+        self._call(self.driver.wait_closed)
+        s.target.restart()
+        assert s.target.url is not None
+        self.driver.url = s.target.url
+        self._call(self.driver.note, "restart", None, {"url": s.target.url})
+        event("crash and restart")
+        self.outcome = f"server killed and restarted at {s.target.url}"
+
+    # -- invariants: one per property ------------------------------------------------
+
+    def _raise(self, name: str) -> None:
+        self.driver.raise_errors()
+        died = self.session.target.died()
+        if died and not any(f.violation.invariant == "liveness" and "exited" in f.violation.title for f in self.checker.found):
+            self._call(self.driver.note, "died", None, {"reason": died, "output": self.session.target.output_tail(20)})
+        for found in self.checker.found[self.seen_first:]:
+            if found.violation.invariant == name:
+                self.raised = found.violation
+                raise found.violation
+
+    @invariant()
+    def isolation(self) -> None:
+        self._raise("isolation")
+
+    @invariant()
+    def routing(self) -> None:
+        self._raise("routing")
+
+    @invariant()
+    def durability(self) -> None:
+        self._raise("durability")
+
+    @invariant()
+    def exactly_once(self) -> None:
+        self._raise("exactly-once")
+
+    @invariant()
+    def ordering(self) -> None:
+        self._raise("ordering")
+
+    @invariant()
+    def liveness(self) -> None:
+        self._raise("liveness")
+
+    @invariant()
+    def timing(self) -> None:
+        self._raise("timing")
+
+    @invariant()
+    def protocol(self) -> None:
+        self._raise("protocol")
+
+    # -- the end of an example ----------------------------------------------------------
+
+    def audit(self) -> None:
+        """Settle, then read every thread's history once more from a fresh connection of its tenant."""
+        self._call(self.driver.settle)
+        by_tenant: dict[str, list[ThreadRef]] = {}
+        for ref in self.refs.values():
+            if isinstance(ref, ThreadRef) and ref.thread_id is not None:
+                by_tenant.setdefault(ref.tenant.tid, []).append(ref)
+        if not by_tenant or self.session.target.died():
+            return
+        for tid, refs in by_tenant.items():
+            name = f"audit{len(self.driver.conns)}"
+            token = tokens.mint(self.session.target.secret, tid, "auditor")
+            conn = self._call(self.driver.connect, name, tid, "auditor", token, "header")
+            if not isinstance(conn, Conn):
+                continue
+            for ref in refs:
+                self._audit_thread(name, ref)
+            self._call(self.driver.disconnect, name, False)
+        self._call(self.driver.settle)
+
+    def _audit_thread(self, conn: str, ref: ThreadRef) -> None:
+        deadline = time.monotonic() + self.driver.reply_timeout_s
+        while True:
+            pending = self._call(self.driver.send, conn, "get_history", self.session.next_req_id(), {"thread_id": ref.thread_id})
+            reply = self._call(self.driver.wait, pending) if pending else None
+            if reply is None or reply.type != "history":
+                return
+            msgs = [m for m in reply.data.get("messages", []) if isinstance(m, dict)]
+            if not msgs or msgs[-1].get("role") != "user":
+                return
+            if time.monotonic() > deadline:
+                self._call(self.driver.note, "audit_unanswered", conn, {
+                    "thread_id": ref.thread_id, "message_id": msgs[-1].get("message_id"),
+                    "waited_s": self.driver.reply_timeout_s})
+                return
+            self._call(self.driver.pause, 0.1)
+
+    def teardown(self) -> None:
+        # Push generation toward examples whose agents start slowly (queues, contention).
+        target(self.slowest_start, label="slowest agent start-up (server startup_ms)")
+        try:
+            if self.raised is None and not self.driver.errors:
+                self.audit()
+                for name in INVARIANTS.names:
+                    self._raise(name)
+        finally:
+            self._call(self.driver.close_all)
+            self.driver.forget_closed()
+            st_ = self.session.stats
+            st_["examples"] = st_.get("examples", 0) + 1
+            st_["steps"] = st_.get("steps", 0) + len(self.program)
+            for entry in self.program:
+                rules = st_.setdefault("rules", {})
+                rules[entry["rule"]] = rules.get(entry["rule"], 0) + 1
+            for op, values in self.model.samples.items():
+                self.session.samples.setdefault(op, []).extend(values)
+            self.session.last_program = {
+                "program": list(self.program),
+                "violation": self.raised.to_json() if self.raised is not None else None,
+                "prefix": self.prefix,
+            }
+            if self.raised is not None:
+                self.session.failures.append(self.session.last_program)

@@ -1,0 +1,357 @@
+"""What the suite knows about the server's state, folded from the history.
+
+The model is the client's view of PROTOCOL.md: which connection belongs to
+which tenant, which threads each connection has joined (as time intervals),
+which messages were acked and which replies were sent, and which tenant owns
+every marker and server id. The invariants in `props.invariants` read it
+before each event is applied; `apply` then takes the event in.
+
+Everything here comes from recorded events, never from the driver's private
+state, so a replayed history is checked the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import attrs
+
+from partywall.adapter import MAX_CONTENT, Frame, valid_id
+from partywall.history import Event
+from partywall.markers import Registry, markers_in
+
+ID_FIELDS = ("thread_id", "message_id", "agent_id", "assistant_id", "connection_id")
+
+
+@attrs.define(eq=False)
+class ConnState:
+    name: str
+    tenant: str
+    user: str
+    token_kind: str
+    """``valid`` or one of partywall.tokens.BAD_TOKEN_KINDS."""
+    open: bool = False
+    opened_t: float | None = None
+    closed_t: float | None = None
+    unsolicited_errors: int = 0
+    """Errors without ``re`` the suite provoked (a binary frame, invalid JSON) and still expects."""
+    closing_1009: bool = False
+
+
+@attrs.define(eq=False)
+class Req:
+    req_id: str
+    conn: str
+    type: str
+    fields: dict[str, Any]
+    t: float
+    seq: int
+    accepts: frozenset[str]
+    """Outcomes the protocol allows: ``ok`` and/or error codes."""
+    acked: str | None = None
+    ack_t: float | None = None
+    chunks: dict[int, str] = attrs.field(factory=dict)
+    max_seq: int = -1
+    responses: int = 0
+    response_t: float | None = None
+    outcome: str | None = None
+    """ok, an error code, info (unknown), or None while in flight."""
+    done_t: float | None = None
+    expect_history: list[Msg] | None = None
+    expect_threads: set[str] | None = None
+
+
+@attrs.define(eq=False)
+class Msg:
+    message_id: str
+    thread_id: str
+    role: str
+    content: str
+    user: str | None
+    req_id: str
+    known_t: float
+    """When the suite learned it was committed (the ack, or the agent_response)."""
+    invoke_t: float
+    """When the request that made it was sent."""
+
+
+@attrs.define(eq=False)
+class ThreadState:
+    thread_id: str
+    tenant: str
+    assistant: str
+    msgs: list[Msg] = attrs.field(factory=list)
+    """Committed messages the suite knows of, in the order it learned of them."""
+
+
+@attrs.define
+class Membership:
+    start: float
+    end: float | None = None
+
+
+@attrs.define(eq=False)
+class FanoutTurn:
+    seqs: set[int] = attrs.field(factory=set)
+    deltas: dict[int, str] = attrs.field(factory=dict)
+
+
+class Model:
+    """The suite's view of the server, updated event by event."""
+
+    def __init__(self, registry: Registry | None = None, limits: dict[str, Any] | None = None) -> None:
+        self.registry = registry if registry is not None else Registry()
+        self.limits: dict[str, Any] = dict(limits or {})
+        """Per-operation time limits in ms ([tool.partywall.timing])."""
+        self.conns: dict[str, ConnState] = {}
+        self.users: dict[str, set[str]] = {}
+        """Users each tenant has authenticated as (valid tokens only)."""
+        self.reqs: dict[str, Req] = {}
+        self.threads: dict[str, ThreadState] = {}
+        self.msgs: dict[str, Msg] = {}
+        self.members: dict[tuple[str, str], list[Membership]] = {}
+        self.fanout: dict[tuple[str, str], FanoutTurn] = {}
+        self.fanout_responses: set[tuple[str, str]] = set()
+        self.probes: dict[str, dict[str, Any]] = {}
+        """req_id -> the probe it belongs to (foreign id vs nonexistent id)."""
+        self.probe_replies: dict[str, dict[str, Any]] = {}
+        self.crashes = 0
+        self.samples: dict[str, list[float]] = {}
+        """Latencies in ms per operation, for the timing percentiles."""
+
+    # -- queries the invariants use ----------------------------------------
+
+    def tenant_of(self, conn: str) -> str:
+        return self.conns[conn].tenant
+
+    def is_member(self, conn: str, thread: str, t: float) -> bool:
+        return any(m.start <= t and (m.end is None or t <= m.end) for m in self.members.get((conn, thread), ()))
+
+    def joined_now(self, conn: str, thread: str) -> bool:
+        spans = self.members.get((conn, thread))
+        return bool(spans) and spans[-1].end is None
+
+    def ids_in(self, data: Any) -> Iterator[tuple[str, str]]:
+        """Every (field, server id) in a frame, nested lists included."""
+        if isinstance(data, dict):
+            for k, v in data.items():
+                if k in ID_FIELDS and isinstance(v, str):
+                    yield k, v
+                elif isinstance(v, (list, dict)):
+                    yield from self.ids_in(v)
+        elif isinstance(data, list):
+            for item in data:
+                yield from self.ids_in(item)
+
+    def users_in(self, data: Any) -> Iterator[str]:
+        if isinstance(data, dict):
+            if data.get("type") == "thread_message" and isinstance(data.get("user"), str):
+                yield data["user"]
+            for item in data.get("messages", []) if isinstance(data.get("messages"), list) else []:
+                if isinstance(item, dict) and isinstance(item.get("user"), str):
+                    yield item["user"]
+
+    def accepts_for(self, conn: str, req_type: str, fields: dict[str, Any]) -> frozenset[str]:
+        """The outcomes PROTOCOL.md allows for a request, from what the suite knows now."""
+        tenant = self.tenant_of(conn)
+        outcomes: set[str] = set()
+        thread = fields.get("thread_id")
+        if req_type == "start_agent":
+            bad = not valid_id(fields.get("assistant")) or (
+                "instructions" in fields and not isinstance(fields["instructions"], str)
+            )
+            return frozenset({"bad_request"} if bad else {"ok"})
+        if req_type == "ping" or req_type == "list_threads":
+            return frozenset({"ok"})
+        if req_type not in ("join_thread", "leave_thread", "user_message", "get_history"):
+            return frozenset({"bad_request"})
+        if not isinstance(thread, str):
+            return frozenset({"bad_request"})
+        state = self.threads.get(thread)
+        exists = state is not None and state.tenant == tenant
+        if req_type == "get_history" and "limit" in fields:
+            lim = fields["limit"]
+            if not (isinstance(lim, int) and not isinstance(lim, bool) and lim >= 1):
+                outcomes.add("bad_request")
+        if req_type == "user_message":
+            content = fields.get("content")
+            if not isinstance(content, str) or len(content.encode("utf-8", "surrogatepass")) > MAX_CONTENT:
+                outcomes.add("bad_request")
+        if not exists:
+            if outcomes:
+                outcomes.add("not_found")  # which check comes first is the server's choice
+                return frozenset(outcomes)
+            return frozenset({"not_found"})
+        if req_type == "user_message" and not outcomes:
+            if self.joined_now(conn, thread):
+                outcomes.add("ok")
+            else:
+                outcomes.add("bad_request")
+        if not outcomes:
+            outcomes.add("ok")
+        return frozenset(outcomes)
+
+    def expected_history(self, thread: str, before: float) -> list[Msg]:
+        state = self.threads.get(thread)
+        return [m for m in state.msgs if m.known_t < before] if state else []
+
+    # -- applying events --------------------------------------------------------
+
+    def apply(self, ev: Event, frame: Frame | None) -> None:
+        handler = getattr(self, f"_on_{ev.kind}", None)
+        if handler is not None:
+            handler(ev, frame)
+
+    def _on_invoke(self, ev: Event, frame: Frame | None) -> None:
+        if ev.op == "connect":
+            d = ev.data
+            self.conns[ev.conn] = ConnState(ev.conn, d["tenant"], d["user"], d.get("token_kind", "valid"))
+            return
+        if ev.conn is None or ev.conn not in self.conns:
+            return
+        if ev.op == "raw":
+            conn = self.conns[ev.conn]
+            if ev.data.get("expect") == "too_large":
+                conn.closing_1009 = True
+            if ev.data.get("readable") is not True:
+                conn.unsolicited_errors += 1
+            if ev.req_id is not None:
+                self.reqs[ev.req_id] = Req(ev.req_id, ev.conn, "raw:" + str(ev.data.get("note")), {}, ev.t, ev.seq,
+                                           frozenset({str(ev.data.get("expect"))}))
+            return
+        if ev.req_id is None:
+            return
+        fields = dict(ev.data)
+        req = Req(ev.req_id, ev.conn, ev.op, fields, ev.t, ev.seq, self.accepts_for(ev.conn, ev.op, fields))
+        tenant = self.tenant_of(ev.conn)
+        for marker in markers_in(str(fields.get("content", ""))):
+            self.registry.claim(marker, tenant, "marker", f"{ev.conn} request {ev.req_id}")
+        if ev.op == "get_history" and isinstance(fields.get("thread_id"), str):
+            req.expect_history = self.expected_history(fields["thread_id"], ev.t)
+        if ev.op == "list_threads":
+            req.expect_threads = {t for t, s in self.threads.items() if s.tenant == tenant}
+        if ev.op == "join_thread" and "ok" in req.accepts:
+            self._join(ev.conn, fields["thread_id"], ev.t)
+        self.reqs[ev.req_id] = req
+
+    def _join(self, conn: str, thread: str, t: float) -> None:
+        spans = self.members.setdefault((conn, thread), [])
+        if not spans or spans[-1].end is not None:
+            spans.append(Membership(t))
+
+    def _leave(self, conn: str, thread: str, t: float) -> None:
+        spans = self.members.get((conn, thread))
+        if spans and spans[-1].end is None:
+            spans[-1].end = t
+
+    def _on_frame(self, ev: Event, frame: Frame | None) -> None:
+        if frame is None or ev.conn not in self.conns:
+            return
+        conn = self.conns[ev.conn]
+        tenant = conn.tenant
+        for field, value in self.ids_in(frame.data):
+            self.registry.claim(value, tenant, field, f"{ev.conn} frame #{ev.seq}")
+        data = frame.data
+        ftype = frame.type
+        if ftype == "error" and frame.re is None and conn.unsolicited_errors:
+            conn.unsolicited_errors -= 1
+        if frame.re in self.probes:
+            self.probe_replies[frame.re] = dict(data)
+        req = self.reqs.get(frame.re) if frame.re is not None else None
+        if req is not None and req.conn == ev.conn:
+            self._on_reply(req, ev, frame)
+            return
+        if frame.re is None and isinstance(data.get("thread_id"), str):
+            key = (ev.conn, data["thread_id"])
+            if ftype == "agent_chunk" and isinstance(data.get("seq"), int):
+                turn = self.fanout.setdefault(key, FanoutTurn())
+                if data["seq"] == 0:
+                    turn = self.fanout[key] = FanoutTurn()
+                turn.seqs.add(data["seq"])
+                turn.deltas[data["seq"]] = str(data.get("delta"))
+            elif ftype == "agent_response":
+                self.fanout.pop(key, None)
+                if isinstance(data.get("message_id"), str):
+                    self.fanout_responses.add((ev.conn, data["message_id"]))
+
+    def _on_reply(self, req: Req, ev: Event, frame: Frame) -> None:
+        data = frame.data
+        ftype = frame.type
+        tenant = self.tenant_of(req.conn)
+        if ftype == "agent_started":
+            thread = data.get("thread_id")
+            if isinstance(thread, str):
+                self.threads.setdefault(thread, ThreadState(thread, tenant, str(req.fields.get("assistant"))))
+                self._join(req.conn, thread, req.t)
+        elif ftype == "left" and isinstance(data.get("thread_id"), str):
+            self._leave(req.conn, data["thread_id"], ev.t)
+        elif ftype == "ack" and req.acked is None and isinstance(data.get("message_id"), str):
+            req.acked = data["message_id"]
+            req.ack_t = ev.t
+            self.samples.setdefault("ack", []).append((ev.t - req.t) * 1000)
+            thread = str(req.fields.get("thread_id"))
+            msg = Msg(req.acked, thread, "user", str(req.fields.get("content")), self.conns[req.conn].user,
+                      req.req_id, ev.t, req.t)
+            self.msgs[msg.message_id] = msg
+            if thread in self.threads:
+                self.threads[thread].msgs.append(msg)
+        elif ftype == "agent_chunk" and isinstance(data.get("seq"), int):
+            req.chunks.setdefault(data["seq"], str(data.get("delta")))
+            req.max_seq = max(req.max_seq, data["seq"])
+        elif ftype == "agent_response":
+            req.responses += 1
+            if req.responses == 1 and isinstance(data.get("message_id"), str):
+                req.response_t = ev.t
+                thread = str(req.fields.get("thread_id"))
+                msg = Msg(data["message_id"], thread, "assistant", str(data.get("content")), None,
+                          req.req_id, ev.t, req.t)
+                self.msgs[msg.message_id] = msg
+                if thread in self.threads:
+                    self.threads[thread].msgs.append(msg)
+
+    def _done(self, ev: Event, outcome: str) -> None:
+        req = self.reqs.get(ev.req_id) if ev.req_id else None
+        if req is None or req.outcome is not None:
+            return
+        req.outcome = outcome
+        req.done_t = ev.t
+        if outcome == "ok" and "latency_ms" in ev.data:
+            self.samples.setdefault(req.type, []).append(float(ev.data["latency_ms"]))
+        if req.type == "join_thread" and outcome != "ok":
+            thread = req.fields.get("thread_id")
+            if isinstance(thread, str):
+                self._leave(req.conn, thread, ev.t)
+
+    def _on_ok(self, ev: Event, frame: Frame | None) -> None:
+        if ev.op == "connect" and ev.conn in self.conns:
+            conn = self.conns[ev.conn]
+            conn.open = True
+            conn.opened_t = ev.t
+            if conn.token_kind == "valid":
+                self.users.setdefault(conn.tenant, set()).add(conn.user)
+            self.samples.setdefault("connect", []).append(float(ev.data.get("latency_ms", 0.0)))
+            return
+        self._done(ev, "ok")
+
+    def _on_fail(self, ev: Event, frame: Frame | None) -> None:
+        if ev.op == "connect":
+            return
+        code = frame.data.get("code") if frame is not None else None
+        self._done(ev, code if isinstance(code, str) else "error")
+
+    def _on_info(self, ev: Event, frame: Frame | None) -> None:
+        if ev.op == "closed" and ev.conn in self.conns:
+            conn = self.conns[ev.conn]
+            conn.open = False
+            conn.closed_t = ev.t
+            for (c, _thread), spans in self.members.items():
+                if c == ev.conn and spans and spans[-1].end is None:
+                    spans[-1].end = ev.t
+        elif ev.op == "probe":
+            for key in ("foreign", "absent"):
+                self.probes[ev.data[key]] = dict(ev.data)
+        elif ev.op == "crash":
+            self.crashes += 1
+        elif ev.req_id is not None and ev.op != "timeout":
+            self._done(ev, "info")

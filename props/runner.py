@@ -1,0 +1,144 @@
+"""Running a machine as a property: failures kept, re-run, written as replay files.
+
+Against a real server a shrunk failure may not reproduce on the next try, and
+Hypothesis then raises a flaky-failure error. A leak seen once is real, so
+the runner never loses it: it takes the violation from the run's record, not
+from the exception, re-runs the shrunk program a few times to say how often
+it reproduces, and writes a replay file for `partywall replay`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from hypothesis import settings
+from hypothesis.stateful import MultipleResults, run_state_machine_as_test
+
+from partywall.errors import HarnessError, Violation
+from partywall.session import Session
+from props.invariants import percentile_violations
+from props.machine import ConnRef, TenantMachine, ThreadRef
+from strategies import ContentPlan
+
+REPRODUCE_RUNS = 3
+
+
+def run_property(session: Session, machine: type[TenantMachine] = TenantMachine) -> None:
+    """Run the machine under the current Hypothesis profile; report and re-raise any violation."""
+    machine.session = session
+    try:
+        run_state_machine_as_test(machine, settings=settings())
+    except HarnessError:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - every failure is reported below, then re-raised
+        failure = session.failures[-1] if session.failures else None
+        if failure is None or failure["violation"] is None:
+            raise
+        violation = Violation(**failure["violation"])
+        k = sum(1 for _ in range(REPRODUCE_RUNS) if replay(session, machine, failure["program"])[0] is not None)
+        path = write_replay(session, failure, f"{k}/{REPRODUCE_RUNS}")
+        session.report(violation, f"{k}/{REPRODUCE_RUNS}", str(path))
+        raise Violation(
+            violation.invariant,
+            f"{violation.title}\n\nShrunk to {len(failure['program'])} steps; reproduced {k}/{REPRODUCE_RUNS} "
+            f"on re-runs.\nReplay: partywall replay {path}\n{format_program(failure['program'])}",
+            violation.evidence,
+        ) from (exc if not isinstance(exc, Violation) else None)
+    finally:
+        session.stats["steps_per_second"] = _rate(session)
+    for v in percentile_violations(session.samples, session.config["timing"]):
+        session.report(v)
+    bad = [v for v in session.violations if v.violation.invariant == "timing" and "p95" in v.violation.title]
+    if bad:
+        raise bad[0].violation
+
+
+def _rate(session: Session) -> float | None:
+    steps = session.stats.get("steps", 0)
+    return round(steps / max(1e-9, time.time() - session.started), 1) if steps else None
+
+
+def format_program(program: list[dict[str, Any]]) -> str:
+    lines = []
+    for i, step in enumerate(program, 1):
+        args = ", ".join(f"{k}={_show(v)}" for k, v in step["args"].items())
+        lines.append(f"  {i:>2}. {step['rule']}({args})  # {step.get('then') or ''}")
+    return "\n".join(lines)
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, dict) and "ref" in v:
+        return str(v["ref"])
+    if isinstance(v, dict) and "content" in v:
+        size, text = v["content"]
+        return f"ContentPlan({size!r}, {text!r})" if len(text) < 40 else f"ContentPlan({size!r}, {text[:37]!r}...)"
+    if isinstance(v, list):
+        return "[" + ", ".join(_show(x) for x in v) + "]"
+    return repr(v)
+
+
+def decode_arg(value: Any, refs: dict[str, Any]) -> Any:
+    if isinstance(value, dict) and "ref" in value:
+        if value["ref"] not in refs:
+            raise HarnessError(f"the replay refers to {value['ref']!r}, which no earlier step made.")
+        return refs[value["ref"]]
+    if isinstance(value, dict) and "content" in value:
+        return ContentPlan(*value["content"])
+    if isinstance(value, list):
+        return [decode_arg(v, refs) for v in value]
+    return value
+
+
+def replay(session: Session, machine_cls: type[TenantMachine], program: list[dict[str, Any]],
+           show: Any = None) -> tuple[Violation | None, list[str]]:
+    """Run a recorded program step by step; return the violation it raises (or None) and each step's outcome."""
+    machine_cls.session = session
+    m = machine_cls()
+    outcomes: list[str] = []
+    caught: Violation | None = None
+    try:
+        for i, step in enumerate(program, 1):
+            rule = getattr(m, step["rule"])
+            kwargs = {k: decode_arg(v, m.refs) for k, v in step["args"].items()}
+            # A consumed connection leaves the bundle; the machine's refs keep it by name.
+            result = rule(**kwargs)
+            if isinstance(result, MultipleResults):
+                result = None
+            outcomes.append(m.outcome)
+            if show is not None:
+                show(i, step, m.outcome)
+            for name in ("isolation", "routing", "durability", "exactly_once", "ordering", "liveness", "timing", "protocol"):
+                getattr(m, name)()
+    except Violation as v:
+        caught = v
+    finally:
+        try:
+            m.teardown()
+        except Violation as v:
+            caught = caught or v
+    return caught, outcomes
+
+
+def write_replay(session: Session, failure: dict[str, Any], reproduced: str) -> Path:
+    session.replay_dir.mkdir(parents=True, exist_ok=True)
+    v = failure["violation"]
+    path = session.replay_dir / f"{v['invariant']}-{session.seed}-{session.run_id}.json"
+    path.write_text(json.dumps({
+        "format": "partywall-replay/1",
+        "machine": "props.machine:TenantMachine",
+        "seed": session.seed,
+        "profile": session.profile,
+        "run_id": session.run_id,
+        "target": session.target.describe(),
+        "violation": v,
+        "reproduced": reproduced,
+        "program": failure["program"],
+        "replay": f"partywall replay {path}",
+    }, indent=2, ensure_ascii=True, default=str) + "\n")
+    return path
+
+
+__all__ = ["ConnRef", "ThreadRef", "replay", "run_property", "write_replay"]
