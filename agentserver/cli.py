@@ -173,8 +173,10 @@ async def _run(server: AgentServer) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the server; returns the exit status (see the module docstring)."""
+    level = logging.getLevelName(os.environ.get("AGENTSERVER_LOG_LEVEL", "WARNING").upper())
     logging.basicConfig(
-        level=os.environ.get("AGENTSERVER_LOG_LEVEL", "WARNING").upper(),
+        # An unknown level name is not worth refusing to start over.
+        level=level if isinstance(level, int) else logging.WARNING,
         format="agentserver: %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )

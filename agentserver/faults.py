@@ -112,9 +112,9 @@ class LazyCommitStorage(Storage):
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
-            await nursery.start(super().serve)
             nursery.start_soon(self._flush_every, LAZY_FLUSH_SECONDS)
-            task_status.started()
+            await super().serve(task_status=task_status)
+            nursery.cancel_scope.cancel()  # the writer has stopped; so does the timer
 
     async def _flush_every(self, seconds: float) -> None:
         while True:

@@ -33,6 +33,8 @@ T = TypeVar("T")
 
 #: SQLite integers are signed 64-bit; a larger `limit` means "everything".
 _MAX_LIMIT: Final = 2**62
+#: Concurrent reads (and so read-only connections).
+_READERS: Final = 4
 #: Upper bound on writes committed in one transaction, so one commit never
 #: holds a long tail of waiters hostage.
 _MAX_BATCH: Final = 2048
@@ -295,10 +297,10 @@ class Storage:
         self._token: trio.lowlevel.TrioToken | None = None
         self._threads: dict[str, ThreadRecord] = {}
         self._known_users: set[tuple[str, str]] = set()
-        self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
+        self._idle_readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
-        self._read_limiter = trio.CapacityLimiter(4)
+        self._read_limiter = trio.CapacityLimiter(_READERS)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -321,6 +323,7 @@ class Storage:
                 for reader in self._readers:
                     reader.close()
                 self._readers.clear()
+                self._idle_readers.clear()
 
     def stop(self) -> None:
         self._queue.put(_STOP)
@@ -390,13 +393,20 @@ class Storage:
         return await trio.to_thread.run_sync(self._read, fn, limiter=self._read_limiter)
 
     def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        # A pool, not thread-locals: trio retires idle worker threads, and a
+        # connection tied to a dead thread would leak its file descriptors.
+        # The limiter caps the pool at _READERS connections.
+        with self._readers_lock:
+            db = self._idle_readers.pop() if self._idle_readers else None
         if db is None:
             db = _connect(self.path, readonly=True)
-            self._local.db = db
             with self._readers_lock:
                 self._readers.append(db)
-        return fn(db)
+        try:
+            return fn(db)
+        finally:
+            with self._readers_lock:
+                self._idle_readers.append(db)
 
     # -- assistants and threads -------------------------------------------
 

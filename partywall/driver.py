@@ -187,7 +187,9 @@ class Driver:
         assert self._nursery is not None
         conn = Conn(name, tenant, user, via)
         t0 = time.monotonic()
-        self.history.append("invoke", "connect", t=t0, conn=name, data={"tenant": tenant, "user": user, "via": via, "token_kind": token_kind})
+        ev = self.history.append("invoke", "connect", t=t0, conn=name,
+                                 data={"tenant": tenant, "user": user, "via": via, "token_kind": token_kind})
+        self._observe(ev, None)
         url, headers = self.adapter.handshake(self.url, token, via)
         try:
             try:
@@ -315,7 +317,7 @@ class Driver:
         conn = self.conns[name]
         if not conn.open:
             return
-        self.history.append("invoke", "drop" if abrupt else "close", conn=name)
+        self._observe(self.history.append("invoke", "drop" if abrupt else "close", conn=name), None)
         conn.abrupt = abrupt
         conn.stop.set()
         with trio.move_on_after(5):

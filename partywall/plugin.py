@@ -68,6 +68,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--partywall-set", action="append", default=[], metavar="KEY=VALUE", help="override a [tool.partywall] value")
     group.addoption("--partywall-replay", default=None, help="replay this failure file step by step")
     group.addoption("--partywall-replay-dir", default=None, help="where failure replay files go (default .partywall/replays)")
+    group.addoption("--partywall-list-invariants", action="store_true", help="print the invariants and run nothing")
     group.addoption("--partywall-users", type=int, default=None, help="bench: number of users")
     group.addoption("--partywall-shard", default=None, metavar="K/N", help="bench: run shard K of N of the plan's users")
     group.addoption("--partywall-junit", default=None, help="bench: write JUnit XML here")

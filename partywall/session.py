@@ -61,6 +61,8 @@ class Session:
     last_program: dict[str, Any] | None = None
     """The step program of the example that ran last (after a failure: the shrunk one)."""
     failures: list[dict[str, Any]] = attrs.field(factory=list)
+    bench_report: dict[str, Any] | None = None
+    """The bench's own report, once the bench has run; the plugin then leaves the report file to it."""
     _req: Any = attrs.field(factory=itertools.count, repr=False)
     _example: Any = attrs.field(factory=itertools.count, repr=False)
 

@@ -427,6 +427,7 @@ def oversize_closes_1009(model: Model, ev: Event, frame: Frame | None) -> Iterat
     """A client message over 64 KiB gets too_large and a close with code 1009."""
     if ev.kind == "info" and ev.op == "closed" and ev.conn in model.conns:
         conn = model.conns[ev.conn]
-        if conn.closing_1009 and ev.data.get("code") != 1009:
+        closed_by_server = str(ev.data.get("reason", "")).startswith("closed by the server")
+        if conn.closing_1009 and closed_by_server and ev.data.get("code") != 1009:
             yield Violation("protocol", f"after an oversized frame the server closed with {ev.data.get('code')!r}, not 1009",
                             {**_where(model, ev), "close": dict(ev.data)})

@@ -1,6 +1,6 @@
 """The state machine: generated interleavings of tenants over real sockets.
 
-Bundles hold tenants, users, connections and threads. Rules cover the whole
+Bundles hold tenants, connections and threads. Rules cover the whole
 protocol: connects (header or query token, and tokens that must be refused),
 clean closes and abrupt drops, agent starts, joins and leaves, messages sent
 without waiting for their replies (replies stream while later steps run),
@@ -26,7 +26,10 @@ from typing import Any
 
 import attrs
 import trio
-from hypothesis import event, note, target
+from hypothesis import event as _event
+from hypothesis import note as _note
+from hypothesis import target as _target
+from hypothesis.control import currently_in_test_context
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     Bundle,
@@ -61,11 +64,18 @@ from strategies import (
     user_ids,
 )
 
-MAX_TENANTS = 4
-MAX_USERS = 6
 MAX_CONNS = 8
 MAX_THREADS = 8
 MAX_CRASHES = 1
+#: How often a rule may run in one example. Without a budget, Hypothesis spends
+#: whole examples on cheap rules that need no bundle (a refused token, a bad
+#: frame) and rarely reaches the messages and reads where tenants interact.
+BUDGET = {"connect_refused": 2, "start_agent_bad_name": 1, "send_bad_frame": 2, "list_threads": 3, "ping": 3,
+          "add_tenant": 2, "leave": 4, "disconnect": 4}
+
+
+def within_budget(name: str) -> Callable[[Any], bool]:
+    return lambda self: self.calls.get(name, 0) < BUDGET[name]
 
 
 @attrs.frozen
@@ -107,6 +117,22 @@ class ConnRef:
         return self.name
 
 
+def note(text: str) -> None:
+    """Hypothesis's note, event and target, and nothing during a replay outside Hypothesis."""
+    if currently_in_test_context():
+        _note(text)
+
+
+def event(text: str) -> None:
+    if currently_in_test_context():
+        _event(text)
+
+
+def target(value: float, label: str) -> None:
+    if currently_in_test_context():
+        _target(value, label=label)
+
+
 def recorded(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Record each call of a rule (name and arguments) in the machine's program."""
 
@@ -114,6 +140,7 @@ def recorded(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(self: TenantMachine, **kwargs: Any) -> Any:
         self.step_no += 1
         self.session.history.step = self.step_no
+        self.calls[fn.__name__] = self.calls.get(fn.__name__, 0) + 1
         entry = {"rule": fn.__name__, "args": {k: encode_arg(v) for k, v in kwargs.items()}, "then": None}
         self.program.append(entry)
         self.outcome = ""
@@ -143,7 +170,6 @@ class TenantMachine(RuleBasedStateMachine):
     session: Session
 
     tenants = Bundle("tenants")
-    users = Bundle("users")
     conns = Bundle("conns")
     threads = Bundle("threads")
 
@@ -161,11 +187,12 @@ class TenantMachine(RuleBasedStateMachine):
         self.step_no = 0
         self.outcome = ""
         self.refs: dict[str, Any] = {}
-        self.counts = {"t": 0, "u": 0, "c": 0, "th": 0}
+        self.counts = {"t": 0, "c": 0, "th": 0}
         self.raised: Violation | None = None
         self.seen_first = 0
         self.allow_crash = s.can_crash
         self.crashes = 0
+        self.calls: dict[str, int] = {}
         self.settled_at = 0
         self.slowest_start = 0.0
 
@@ -232,7 +259,7 @@ class TenantMachine(RuleBasedStateMachine):
         self.outcome = f"tenants {a.tid!r} and {b.tid!r}"
         return multiple(a, b) if a.tid != b.tid else multiple(a)
 
-    @precondition(lambda self: self.counts["t"] < MAX_TENANTS)
+    @precondition(within_budget("add_tenant"))
     @rule(target=tenants, base=tenant_bases())
     @recorded
     def add_tenant(self, base: str) -> TenantRef:
@@ -241,20 +268,14 @@ class TenantMachine(RuleBasedStateMachine):
         self.outcome = f"tenant {tid!r}"
         return ref
 
-    @precondition(lambda self: self.counts["u"] < MAX_USERS)
-    @rule(target=users, tenant=tenants, uid=user_ids())
-    @recorded
-    def add_user(self, tenant: TenantRef, uid: str) -> UserRef:
-        ref = self._keep(UserRef(self._name("u"), tenant, uid))
-        self.outcome = f"user {uid!r} of {tenant.name}"
-        return ref
-
     # -- connections ---------------------------------------------------------------
 
     @precondition(lambda self: self.counts["c"] < MAX_CONNS)
-    @rule(target=conns, user=users, via=st.sampled_from(["header", "query"]))
+    @rule(target=conns, tenant=tenants, uid=user_ids(), via=st.sampled_from(["header", "query"]))
     @recorded
-    def connect(self, user: UserRef, via: str) -> ConnRef:
+    def connect(self, tenant: TenantRef, uid: str, via: str) -> ConnRef:
+        """Connect as user ``uid`` of ``tenant`` (common ids recur, so tenants share user names)."""
+        user = UserRef(uid, tenant, uid)
         name = self._name("c")
         token = tokens.mint(self.session.target.secret, user.tenant.tid, user.uid)
         result = self._call(self.driver.connect, name, user.tenant.tid, user.uid, token, via)
@@ -269,9 +290,11 @@ class TenantMachine(RuleBasedStateMachine):
         event(f"connect via {via}")
         return self._keep(ConnRef(name, user))
 
-    @rule(user=users, kind=token_kinds(), via=st.sampled_from(["header", "query"]))
+    @precondition(within_budget("connect_refused"))
+    @rule(tenant=tenants, uid=user_ids(), kind=token_kinds(), via=st.sampled_from(["header", "query"]))
     @recorded
-    def connect_refused(self, user: UserRef, kind: str, via: str) -> None:
+    def connect_refused(self, tenant: TenantRef, uid: str, kind: str, via: str) -> None:
+        user = UserRef(uid, tenant, uid)
         name = self._name("c")
         token = tokens.mint_bad(kind, self.session.target.secret, user.tenant.tid, user.uid)
         result = self._call(self.driver.connect, name, user.tenant.tid, user.uid, token, via, kind)
@@ -281,6 +304,7 @@ class TenantMachine(RuleBasedStateMachine):
         else:
             self.outcome = f"{kind} token refused ({result.reason})"
 
+    @precondition(within_budget("disconnect"))
     @rule(conn=consumes(conns), abrupt=st.booleans())
     @recorded
     def disconnect(self, conn: ConnRef, abrupt: bool) -> None:
@@ -307,6 +331,7 @@ class TenantMachine(RuleBasedStateMachine):
         self.outcome = f"{ref.name} started by {conn.name} ({assistant!r})"
         return ref
 
+    @precondition(within_budget("start_agent_bad_name"))
     @rule(conn=conns, assistant=bad_assistant_names())
     @recorded
     def start_agent_bad_name(self, conn: ConnRef, assistant: str) -> None:
@@ -326,6 +351,7 @@ class TenantMachine(RuleBasedStateMachine):
             reply = self._call(self.driver.wait, pending) if pending else None
             self.outcome = f"{conn.name} join {thread.name}: {reply.type if reply else 'no reply'}"
 
+    @precondition(within_budget("leave"))
     @rule(conn=conns, thread=threads)
     @recorded
     def leave(self, conn: ConnRef, thread: ThreadRef) -> None:
@@ -366,6 +392,7 @@ class TenantMachine(RuleBasedStateMachine):
         self._fire(conn, "get_history", {"thread_id": thread.thread_id, **fields})
         self.outcome = f"{conn.name} reads {thread.name} (limit {limit!r})"
 
+    @precondition(within_budget("list_threads"))
     @rule(conn=conns)
     @recorded
     def list_threads(self, conn: ConnRef) -> None:
@@ -373,6 +400,7 @@ class TenantMachine(RuleBasedStateMachine):
             self._fire(conn, "list_threads", {})
         self.outcome = f"{conn.name} lists threads"
 
+    @precondition(within_budget("ping"))
     @rule(conn=conns)
     @recorded
     def ping(self, conn: ConnRef) -> None:
@@ -380,6 +408,7 @@ class TenantMachine(RuleBasedStateMachine):
             self._fire(conn, "ping", {})
         self.outcome = f"{conn.name} pings"
 
+    @precondition(within_budget("send_bad_frame"))
     @rule(conn=conns, kind=bad_frames())
     @recorded
     def send_bad_frame(self, conn: ConnRef, kind: str) -> None:
@@ -454,49 +483,35 @@ class TenantMachine(RuleBasedStateMachine):
         event("crash and restart")
         self.outcome = f"server killed and restarted at {s.target.url}"
 
-    # -- invariants: one per property ------------------------------------------------
+    # -- invariants ------------------------------------------------------------------
+    #
+    # Every invariant is checked the moment a frame arrives (props.invariants, run by
+    # the Checker in the driver's loop). They are *raised* at the end of the example,
+    # after everything in flight has settled: a frame that arrives a millisecond
+    # later or sooner must not move the failure to another step, or Hypothesis sees
+    # a different program each time and cannot shrink (a "flaky" data error).
+    # Only a dead server or a broken harness stops an example at once.
 
-    def _raise(self, name: str) -> None:
+    @invariant()
+    def server_alive(self) -> None:
         self.driver.raise_errors()
         died = self.session.target.died()
-        if died and not any(f.violation.invariant == "liveness" and "exited" in f.violation.title for f in self.checker.found):
-            self._call(self.driver.note, "died", None, {"reason": died, "output": self.session.target.output_tail(20)})
-        for found in self.checker.found[self.seen_first:]:
-            if found.violation.invariant == name:
+        if died and not any(f.violation.invariant == "liveness" and "exited" in f.violation.title
+                            for f in self.checker.found):
+            self._call(self.driver.note, "died", None, {"reason": died})
+        for found in self.checker.found:
+            if found.violation.invariant == "liveness" and "exited" in found.violation.title:
                 self.raised = found.violation
                 raise found.violation
 
-    @invariant()
-    def isolation(self) -> None:
-        self._raise("isolation")
-
-    @invariant()
-    def routing(self) -> None:
-        self._raise("routing")
-
-    @invariant()
-    def durability(self) -> None:
-        self._raise("durability")
-
-    @invariant()
-    def exactly_once(self) -> None:
-        self._raise("exactly-once")
-
-    @invariant()
-    def ordering(self) -> None:
-        self._raise("ordering")
-
-    @invariant()
-    def liveness(self) -> None:
-        self._raise("liveness")
-
-    @invariant()
-    def timing(self) -> None:
-        self._raise("timing")
-
-    @invariant()
-    def protocol(self) -> None:
-        self._raise("protocol")
+    def raise_found(self) -> None:
+        """Raise the first violation found in this example, in the registry's order of invariants."""
+        self.driver.raise_errors()
+        for name in INVARIANTS.names:
+            for found in self.checker.found:
+                if found.violation.invariant == name:
+                    self.raised = found.violation
+                    raise found.violation
 
     # -- the end of an example ----------------------------------------------------------
 
@@ -541,10 +556,9 @@ class TenantMachine(RuleBasedStateMachine):
         # Push generation toward examples whose agents start slowly (queues, contention).
         target(self.slowest_start, label="slowest agent start-up (server startup_ms)")
         try:
-            if self.raised is None and not self.driver.errors:
+            if self.raised is None and not self.driver.errors and not self.checker.found:
                 self.audit()
-                for name in INVARIANTS.names:
-                    self._raise(name)
+            self.raise_found()
         finally:
             self._call(self.driver.close_all)
             self.driver.forget_closed()

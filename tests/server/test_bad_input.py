@@ -14,6 +14,7 @@ for `re`; more than the documented number of requests in flight gets
 from __future__ import annotations
 
 import json
+import sqlite3
 from typing import Any
 
 import pytest
@@ -300,7 +301,7 @@ def test_message_of_exactly_64_kib_is_not_too_large(fast_server: ServerProcess) 
 def test_rate_limited_past_the_in_flight_limit(start_server) -> None:  # type: ignore[no-untyped-def]
     # Turns of one thread run one at a time, so pipelined messages pile up
     # in flight; the server documents a limit of 128.
-    server = start_server("--startup-ms", "0:0", "--chunks", "1", "--chunk-delay-ms", "5:5")
+    server = start_server("--startup-ms", "0:0", "--chunks", "1", "--chunk-delay-ms", "10:10")
 
     async def main() -> None:
         async with open_client(server) as client:
@@ -319,8 +320,9 @@ def test_rate_limited_past_the_in_flight_limit(start_server) -> None:  # type: i
                     accepted.append(request_id)
                 else:
                     assert frame["code"] == "rate_limited"
-            assert len(accepted) >= 64
-            assert accepted == ids[: len(accepted)]  # the first ones in, all answered
+            # Nothing can be limited before 128 are in flight: the first 128 all got in.
+            assert set(ids[:128]) <= set(accepted)
+            assert len(accepted) < len(ids)
             # Once drained, the connection is served normally again.
             assert (await client.turn(thread_id, "after"))[-1]["type"] == "agent_response"
 
@@ -337,3 +339,28 @@ def test_bad_input_never_crashes_the_server(fast_server: ServerProcess) -> None:
 
     run(main)
     assert fast_server.proc is not None and fast_server.proc.poll() is None
+
+
+def test_internal_error_when_storage_fails(start_server) -> None:  # type: ignore[no-untyped-def]
+    # A real failure, not a mock: another process breaks the database under
+    # the running server. Requests that need it get `internal` (with `re`),
+    # the failure is logged, and the server keeps serving what it can.
+    server = start_server("--startup-ms", "0:0", "--chunk-delay-ms", "0:0")
+
+    async def main() -> None:
+        async with open_client(server) as client:
+            thread_id = await new_thread(client)
+            await client.turn(thread_id, "before")
+            db = sqlite3.connect(server.db, timeout=10)
+            db.execute("DROP TABLE messages")
+            db.commit()
+            db.close()
+            error = await client.call("user_message", thread_id=thread_id, content="after")
+            assert (error["type"], error["code"]) == ("error", "internal")
+            error = await client.call("get_history", thread_id=thread_id)
+            assert (error["type"], error["code"]) == ("error", "internal")
+            assert (await client.call("ping", "pong"))["type"] == "pong"
+
+    run(main)
+    assert server.terminate() == 0
+    assert "no such table: messages" in server.stderr_text()
