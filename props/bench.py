@@ -105,7 +105,7 @@ class PlannedUser:
     """The assistant name it starts an agent of (names repeat across tenants)."""
     via: str = attrs.field(validator=attrs.validators.in_(("header", "query")))
     """Where its token goes: the Authorization header or the ``token`` query parameter."""
-    messages: tuple[str, ...] = attrs.field(converter=tuple)
+    messages: tuple[str, ...] = attrs.field(converter=lambda v: tuple(str(x) for x in v))
     """The text of each message; the run puts a fresh marker in front of each."""
 
     def to_json(self) -> dict[str, Any]:
@@ -193,7 +193,7 @@ def parse_shard(text: str) -> tuple[int, int]:
     except ValueError:
         index = count = 0
     if not sep or count < 1 or not 1 <= index <= count:
-        raise HarnessError(f"--partywall-shard expects K/N with 1 <= K <= N, e.g. 2/4 (got {text!r}).")
+        raise HarnessError(f"--shard (--partywall-shard) expects K/N with 1 <= K <= N, e.g. 2/4 (got {text!r}).")
     return index - 1, count
 
 
@@ -780,15 +780,15 @@ def format_summary(report: Mapping[str, Any]) -> str:
     for who in ("server", "client"):
         res = report.get(who)
         if isinstance(res, Mapping) and res.get("samples"):
-            lines.append(f"{who} pid {res.get('pid')}: CPU peak {res.get('cpu_percent_peak')} % / mean "
-                         f"{res.get('cpu_percent_mean')} % of one core, RSS peak {res.get('rss_mib_peak')} MiB, "
+            lines.append(f"{who} pid {res.get('pid')}: CPU peak {_ms(res.get('cpu_percent_peak'))} % / mean "
+                         f"{_ms(res.get('cpu_percent_mean'))} % of one core, RSS peak {_ms(res.get('rss_mib_peak'))} MiB, "
                          f"open files peak {res.get('open_files_peak')}, threads {res.get('threads_peak')} "
                          f"({res.get('samples')} samples)")
         else:
             lines.append(f"{who}: not sampled")
     for name, t in (report.get("thresholds") or {}).items():
         actual = t.get("actual")
-        shown = _ms(actual) if isinstance(actual, float) else actual
+        shown = _ms(actual) if isinstance(actual, float) and not name.endswith("_rate") else actual
         lines.append(f"threshold {name}: actual {shown}, limit {t.get('limit')}: {'ok' if t.get('ok') else 'FAILED'}")
     for v in report.get("violations") or []:
         lines.append(f"VIOLATION [{v.get('invariant')}] {v.get('title')}")

@@ -344,7 +344,7 @@ class TenantMachine(RuleBasedStateMachine):
     def join(self, conn: ConnRef, thread: ThreadRef) -> None:
         if not self._open(conn, thread):
             pass
-        elif conn.user.tenant != thread.tenant:
+        elif conn.user.tenant.tid != thread.tenant.tid:
             self._probe(conn, "join_thread", thread, {})
         else:
             pending = self._fire(conn, "join_thread", {"thread_id": thread.thread_id})
@@ -357,7 +357,7 @@ class TenantMachine(RuleBasedStateMachine):
     def leave(self, conn: ConnRef, thread: ThreadRef) -> None:
         if not self._open(conn, thread):
             pass
-        elif conn.user.tenant != thread.tenant:
+        elif conn.user.tenant.tid != thread.tenant.tid:
             self._probe(conn, "leave_thread", thread, {})
         else:
             pending = self._fire(conn, "leave_thread", {"thread_id": thread.thread_id})
@@ -373,7 +373,7 @@ class TenantMachine(RuleBasedStateMachine):
         if not self._open(conn, thread):
             return
         content = self._marker_content(plan)
-        if conn.user.tenant != thread.tenant:
+        if conn.user.tenant.tid != thread.tenant.tid:
             self._probe(conn, "user_message", thread, {"content": content})
             return
         self._fire(conn, "user_message", {"thread_id": thread.thread_id, "content": content})
@@ -386,7 +386,7 @@ class TenantMachine(RuleBasedStateMachine):
         if not self._open(conn, thread):
             return
         fields: dict[str, Any] = {} if limit is None else {"limit": limit}
-        if conn.user.tenant != thread.tenant:
+        if conn.user.tenant.tid != thread.tenant.tid:
             self._probe(conn, "get_history", thread, fields)
             return
         self._fire(conn, "get_history", {"thread_id": thread.thread_id, **fields})
@@ -434,7 +434,7 @@ class TenantMachine(RuleBasedStateMachine):
         for i, kind in enumerate(kinds):
             conn = conns_[i % len(conns_)]
             thread = threads_[i % len(threads_)]
-            if kind not in ("start_agent", "ping") and (thread.thread_id is None or conn.user.tenant != thread.tenant):
+            if kind not in ("start_agent", "ping") and (thread.thread_id is None or conn.user.tenant.tid != thread.tenant.tid):
                 continue
             if not self._open(conn):
                 continue

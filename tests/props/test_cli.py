@@ -1,0 +1,88 @@
+"""The `partywall` command as a user meets it: exit codes, one-line errors, reports.
+
+Rules: every test runs the installed command in a subprocess with a time
+bound; nothing here mocks the server (the passing run starts the embedded
+reference server, the dead-server test points at a port nobody listens on).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+
+def partywall(*args: str, cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "partywall.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_cli_dead_server_is_one_line_exit_2_within_seconds(tmp_path: Path) -> None:
+    report = tmp_path / "r.json"
+    started = time.monotonic()
+    proc = partywall("run", "--server-url", f"ws://127.0.0.1:{free_port()}/ws", "--auth-secret", "s" * 32,
+                     "--report", str(report), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert time.monotonic() - started < 10
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "nothing is listening" in lines[0], proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    data = json.loads(report.read_text())
+    assert data["ok"] is False and "nothing is listening" in data["error"]
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["run", "--server-url", "http://x/ws", "--auth-secret", "s"], "ws://"),
+        (["run", "--server-url", "ws://127.0.0.1:1/ws"], "--auth-secret"),
+        (["run", "--set", "timing.nope=1"], "unknown setting"),
+        (["run", "--set", "timing.response_ms=fast"], "expected a value like"),
+        (["run", "--server-url", "ws://127.0.0.1:1/ws", "--server-cmd", "x", "--auth-secret", "s"], "exclude each other"),
+    ],
+)
+def test_cli_bad_option_is_one_line_exit_2(tmp_path: Path, args: list[str], says: str) -> None:
+    proc = partywall(*args, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert says in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_lists_every_invariant(tmp_path: Path) -> None:
+    proc = partywall("run", "--list-invariants", cwd=tmp_path)
+    assert proc.returncode == 0
+    names = [line.split()[0] for line in proc.stdout.splitlines() if line and not line.startswith(("=", " "))]
+    for name in ("isolation", "routing", "durability", "exactly-once", "ordering", "liveness", "timing", "protocol"):
+        assert name in names, proc.stdout
+
+
+def test_cli_token_verifies_with_the_secret(tmp_path: Path) -> None:
+    import jwt
+
+    proc = partywall("token", "--tenant", "acme", "--user", "alice", "--secret", "k" * 32, cwd=tmp_path)
+    claims = jwt.decode(proc.stdout.strip(), "k" * 32, algorithms=["HS256"])
+    assert (claims["tid"], claims["sub"]) == ("acme", "alice") and claims["exp"] > time.time()
+
+
+@pytest.mark.slow
+def test_cli_ci_profile_passes_against_the_reference_server(tmp_path: Path) -> None:
+    """The main job on a fresh server: every invariant holds, in under 3 minutes."""
+    report = tmp_path / "r.json"
+    started = time.monotonic()
+    proc = partywall("run", "--profile", "ci", "--report", str(report), cwd=tmp_path, timeout=400)
+    took = time.monotonic() - started
+    data = json.loads(report.read_text())
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert data["ok"] is True and data["violations"] == []
+    assert data["stats"]["steps"] > 500 and data["stats"]["rules"]["send_message"] > 10
+    assert took < 180, f"the ci profile took {took:.0f} s"
