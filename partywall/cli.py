@@ -21,7 +21,6 @@ import secrets
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
 
 from partywall import __version__
 from partywall import config as configmod

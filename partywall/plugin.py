@@ -50,7 +50,10 @@ def register_profiles(cfg: dict[str, Any]) -> None:
             stateful_step_count=int(prof.get("stateful_step_count", 30)),
             derandomize=bool(prof.get("derandomize", False)),
             database=db,
-            phases=list(Phase) if prof.get("shrink", True) else [Phase.explicit, Phase.reuse, Phase.generate],
+            # Hypothesis's shrinker re-runs the machine hundreds of times, which against a
+            # live server takes minutes; props.runner shrinks the recorded program by
+            # replay instead, within [tool.partywall] shrink_seconds.
+            phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target],
             verbosity=Verbosity.normal,
             **common,
         )

@@ -608,7 +608,12 @@ class BenchRun:
             server.start()
         client.start()
         try:
-            driver.call(self._run_all)
+            try:
+                driver.call(self._run_all)
+            except Exception as exc:
+                # The server's faults arrive as recorded events and violations, never
+                # as exceptions here; an exception is the suite's own bug: exit 2.
+                raise HarnessError(f"the bench workload failed inside the suite: {exc!r}") from exc
             died = self.session.target.died()
             if died:
                 # Through the invariants: `liveness` reports a server that exited by itself.
@@ -790,6 +795,9 @@ def format_summary(report: Mapping[str, Any]) -> str:
         actual = t.get("actual")
         shown = _ms(actual) if isinstance(actual, float) and not name.endswith("_rate") else actual
         lines.append(f"threshold {name}: actual {shown}, limit {t.get('limit')}: {'ok' if t.get('ok') else 'FAILED'}")
-    for v in report.get("violations") or []:
+    violations = report.get("violations") or []
+    for v in violations[:10]:
         lines.append(f"VIOLATION [{v.get('invariant')}] {v.get('title')}")
+    if len(violations) > 10:
+        lines.append(f"... and {len(violations) - 10} more violations; every one is in the JSON report")
     return "\n".join(lines)

@@ -1,7 +1,7 @@
 """The state machine: generated interleavings of tenants over real sockets.
 
-Bundles hold tenants, connections and threads. Rules cover the whole
-protocol: connects (header or query token, and tokens that must be refused),
+Each example opens with a populated world (two tenants, three connections, two
+threads, one of them shared); then rules cover the whole protocol: connects (header or query token, and tokens that must be refused),
 clean closes and abrupt drops, agent starts, joins and leaves, messages sent
 without waiting for their replies (replies stream while later steps run),
 history reads with and without ``limit``, thread lists, pings, malformed
@@ -70,8 +70,7 @@ MAX_CRASHES = 1
 #: How often a rule may run in one example. Without a budget, Hypothesis spends
 #: whole examples on cheap rules that need no bundle (a refused token, a bad
 #: frame) and rarely reaches the messages and reads where tenants interact.
-BUDGET = {"connect_refused": 2, "start_agent_bad_name": 1, "send_bad_frame": 2, "list_threads": 3, "ping": 3,
-          "add_tenant": 2, "leave": 4, "disconnect": 4}
+BUDGET = {"bad_input": 3, "glance": 3, "add_tenant": 2, "leave_joined": 4, "disconnect": 3}
 
 
 def within_budget(name: str) -> Callable[[Any], bool]:
@@ -144,10 +143,14 @@ def recorded(fn: Callable[..., Any]) -> Callable[..., Any]:
         entry = {"rule": fn.__name__, "args": {k: encode_arg(v) for k, v in kwargs.items()}, "then": None}
         self.program.append(entry)
         self.outcome = ""
+        before = set(self.refs)
         try:
             return fn(self, **kwargs)
         finally:
             entry["then"] = self.outcome
+            # The names this step made, so a replay of a program with steps removed
+            # can map the old names onto the new objects.
+            entry["made"] = [name for name in self.refs if name not in before]
             note(f"step {self.step_no}: {fn.__name__} -> {self.outcome}")
 
     return wrapper
@@ -169,9 +172,10 @@ class TenantMachine(RuleBasedStateMachine):
     #: Set by the property before running: the run this machine belongs to.
     session: Session
 
-    tenants = Bundle("tenants")
+    # Connections are a bundle (disconnect consumes them). Tenants and threads are
+    # picked by index from the machine's own lists instead: the opening `world`
+    # step makes both, and an initialize rule can fill only one bundle.
     conns = Bundle("conns")
-    threads = Bundle("threads")
 
     def __init__(self) -> None:
         super().__init__()
@@ -195,6 +199,11 @@ class TenantMachine(RuleBasedStateMachine):
         self.calls: dict[str, int] = {}
         self.settled_at = 0
         self.slowest_start = 0.0
+        self.joined: dict[str, list[ThreadRef]] = {}
+        """Threads each connection has joined, by the program's own account (its intent, not the server's)."""
+        self.tenant_threads: dict[str, list[ThreadRef]] = {}
+        self.tenant_list: list[TenantRef] = []
+        self.thread_list: list[ThreadRef] = []
 
     # -- helpers ------------------------------------------------------------------
 
@@ -206,6 +215,15 @@ class TenantMachine(RuleBasedStateMachine):
     def _keep(self, obj: Any) -> Any:
         self.refs[obj.name] = obj
         return obj
+
+    def _tenant(self, i: int) -> TenantRef:
+        return self.tenant_list[i % len(self.tenant_list)]
+
+    def _thread(self, i: int) -> ThreadRef | None:
+        if not self.thread_list:
+            self.outcome = "no thread yet"
+            return None
+        return self.thread_list[i % len(self.thread_list)]
 
     def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         return self.driver.call(fn, *args)
@@ -250,31 +268,48 @@ class TenantMachine(RuleBasedStateMachine):
 
     # -- tenants and users --------------------------------------------------------
 
-    @initialize(target=tenants, first=tenant_bases(), second=tenant_bases())
+    @initialize(target=conns, first=tenant_bases(), second=tenant_bases(), uid=user_ids(), other=user_ids(),
+                via=st.sampled_from(["header", "query"]))
     @recorded
-    def two_tenants(self, first: str, second: str) -> MultipleResults[TenantRef]:
-        """Every example starts with two tenants of its own (often near-identical names)."""
-        a = self._keep(TenantRef(self._name("t"), (self.prefix + first)[:64]))
-        b = self._keep(TenantRef(self._name("t"), (self.prefix + second)[:64]))
-        self.outcome = f"tenants {a.tid!r} and {b.tid!r}"
-        return multiple(a, b) if a.tid != b.tid else multiple(a)
+    def world(self, first: str, second: str, uid: str, other: str, via: str) -> MultipleResults[ConnRef]:
+        """Every example starts populated: two tenants of its own (often near-identical ids),
+        the same user id in both, a second user in the first; each tenant's first user
+        starts an agent, and the second user joins that thread."""
+        for base in (first, second):
+            self._add_tenant(base)
+        t0, t1 = self.tenant_list[0], self.tenant_list[-1]
+        c0 = self._connect(t0, uid, via)
+        c1 = self._connect(t0, other, via)
+        c2 = self._connect(t1, uid, via)
+        th0 = self._start(c0, "helper")
+        self._start(c2, "helper")
+        if self._open(c1, th0):
+            self._join(c1, th0)
+        self.outcome = f"tenants {t0.tid!r} and {t1.tid!r}; c0, c1 in {t0.name}, c2 in {t1.name}; th0 (c0, c1), th1 (c2)"
+        return multiple(c0, c1, c2)
+
+    def _add_tenant(self, base: str) -> TenantRef:
+        ref = self._keep(TenantRef(self._name("t"), (self.prefix + base)[:64]))
+        self.tenant_list.append(ref)
+        return ref
 
     @precondition(within_budget("add_tenant"))
-    @rule(target=tenants, base=tenant_bases())
+    @rule(base=tenant_bases())
     @recorded
-    def add_tenant(self, base: str) -> TenantRef:
-        tid = (self.prefix + base)[:64]
-        ref = self._keep(TenantRef(self._name("t"), tid))
-        self.outcome = f"tenant {tid!r}"
-        return ref
+    def add_tenant(self, base: str) -> None:
+        ref = self._add_tenant(base)
+        self.outcome = f"tenant {ref.name} {ref.tid!r}"
 
     # -- connections ---------------------------------------------------------------
 
     @precondition(lambda self: self.counts["c"] < MAX_CONNS)
-    @rule(target=conns, tenant=tenants, uid=user_ids(), via=st.sampled_from(["header", "query"]))
+    @rule(target=conns, tenant=st.integers(0, 3), uid=user_ids(), via=st.sampled_from(["header", "query"]))
     @recorded
-    def connect(self, tenant: TenantRef, uid: str, via: str) -> ConnRef:
-        """Connect as user ``uid`` of ``tenant`` (common ids recur, so tenants share user names)."""
+    def connect(self, tenant: int, uid: str, via: str) -> ConnRef:
+        """Connect as user ``uid`` of a tenant (common ids recur, so tenants share user names)."""
+        return self._connect(self._tenant(tenant), uid, via)
+
+    def _connect(self, tenant: TenantRef, uid: str, via: str) -> ConnRef:
         user = UserRef(uid, tenant, uid)
         name = self._name("c")
         token = tokens.mint(self.session.target.secret, user.tenant.tid, user.uid)
@@ -290,10 +325,7 @@ class TenantMachine(RuleBasedStateMachine):
         event(f"connect via {via}")
         return self._keep(ConnRef(name, user))
 
-    @precondition(within_budget("connect_refused"))
-    @rule(tenant=tenants, uid=user_ids(), kind=token_kinds(), via=st.sampled_from(["header", "query"]))
-    @recorded
-    def connect_refused(self, tenant: TenantRef, uid: str, kind: str, via: str) -> None:
+    def _connect_refused(self, tenant: TenantRef, uid: str, kind: str, via: str) -> None:
         user = UserRef(uid, tenant, uid)
         name = self._name("c")
         token = tokens.mint_bad(kind, self.session.target.secret, user.tenant.tid, user.uid)
@@ -309,14 +341,18 @@ class TenantMachine(RuleBasedStateMachine):
     @recorded
     def disconnect(self, conn: ConnRef, abrupt: bool) -> None:
         self._call(self.driver.disconnect, conn.name, abrupt)
+        self.joined.pop(conn.name, None)
         self.outcome = f"{conn.name} {'dropped' if abrupt else 'closed'}"
 
     # -- agents and threads --------------------------------------------------------------
 
     @precondition(lambda self: self.counts["th"] < MAX_THREADS)
-    @rule(target=threads, conn=conns, assistant=assistant_names())
+    @rule(conn=conns, assistant=assistant_names())
     @recorded
-    def start_agent(self, conn: ConnRef, assistant: str) -> ThreadRef:
+    def start_agent(self, conn: ConnRef, assistant: str) -> None:
+        self._start(conn, assistant)
+
+    def _start(self, conn: ConnRef, assistant: str) -> ThreadRef:
         name = self._name("th")
         reply = None
         if self._open(conn):
@@ -325,50 +361,76 @@ class TenantMachine(RuleBasedStateMachine):
         if reply is None or reply.type != "agent_started" or not isinstance(reply.data.get("thread_id"), str):
             # A thread that never started still enters the bundle (see connect); steps skip it.
             self.outcome = f"no agent: {reply.raw[:120] if reply else 'no reply (connection closed?)'}"
-            return self._keep(ThreadRef(name, conn.user.tenant, None))
+            ref = self._keep(ThreadRef(name, conn.user.tenant, None))
+            self.thread_list.append(ref)
+            return ref
         self.slowest_start = max(self.slowest_start, float(reply.data.get("startup_ms", 0.0)))
         ref = self._keep(ThreadRef(name, conn.user.tenant, reply.data["thread_id"]))
+        self.joined.setdefault(conn.name, []).append(ref)
+        self.tenant_threads.setdefault(ref.tenant.tid, []).append(ref)
+        self.thread_list.append(ref)
         self.outcome = f"{ref.name} started by {conn.name} ({assistant!r})"
         return ref
 
-    @precondition(within_budget("start_agent_bad_name"))
-    @rule(conn=conns, assistant=bad_assistant_names())
-    @recorded
-    def start_agent_bad_name(self, conn: ConnRef, assistant: str) -> None:
+    def _bad_name(self, conn: ConnRef, assistant: str) -> None:
         if self._open(conn):
             self._fire(conn, "start_agent", {"assistant": assistant})
         self.outcome = f"start_agent with invalid name {assistant!r}"
 
-    @rule(conn=conns, thread=threads)
-    @recorded
-    def join(self, conn: ConnRef, thread: ThreadRef) -> None:
+    def _join_any(self, conn: ConnRef, thread: ThreadRef) -> None:
         if not self._open(conn, thread):
             pass
         elif conn.user.tenant.tid != thread.tenant.tid:
             self._probe(conn, "join_thread", thread, {})
         else:
-            pending = self._fire(conn, "join_thread", {"thread_id": thread.thread_id})
-            reply = self._call(self.driver.wait, pending) if pending else None
-            self.outcome = f"{conn.name} join {thread.name}: {reply.type if reply else 'no reply'}"
+            self._join(conn, thread)
 
-    @precondition(within_budget("leave"))
-    @rule(conn=conns, thread=threads)
+    def _join(self, conn: ConnRef, thread: ThreadRef) -> None:
+        pending = self._fire(conn, "join_thread", {"thread_id": thread.thread_id})
+        reply = self._call(self.driver.wait, pending) if pending else None
+        if thread not in self.joined.setdefault(conn.name, []):
+            self.joined[conn.name].append(thread)
+        self.outcome = f"{conn.name} join {thread.name}: {reply.type if reply else 'no reply'}"
+
+    def _leave(self, conn: ConnRef, thread: ThreadRef) -> None:
+        pending = self._fire(conn, "leave_thread", {"thread_id": thread.thread_id})
+        reply = self._call(self.driver.wait, pending) if pending else None
+        if thread in self.joined.get(conn.name, []):
+            self.joined[conn.name].remove(thread)
+        self.outcome = f"{conn.name} leave {thread.name}: {reply.type if reply else 'no reply'}"
+
+    @rule(conn=conns, i=st.integers(0, 7))
     @recorded
-    def leave(self, conn: ConnRef, thread: ThreadRef) -> None:
+    def join_sibling(self, conn: ConnRef, i: int) -> None:
+        """Join one of the tenant's own threads (the i-th it started, cyclically)."""
+        threads = self.tenant_threads.get(conn.user.tenant.tid, [])
+        if not threads:
+            self.outcome = f"tenant of {conn.name} has no thread yet"
+        elif self._open(conn, threads[i % len(threads)]):
+            self._join(conn, threads[i % len(threads)])
+
+    @precondition(within_budget("leave_joined"))
+    @rule(conn=conns, i=st.integers(0, 7))
+    @recorded
+    def leave_joined(self, conn: ConnRef, i: int) -> None:
+        """Leave one of the threads this connection has joined."""
+        threads = self.joined.get(conn.name, [])
+        if not threads:
+            self.outcome = f"{conn.name} has joined no thread"
+        elif self._open(conn, threads[i % len(threads)]):
+            self._leave(conn, threads[i % len(threads)])
+
+    def _leave_any(self, conn: ConnRef, thread: ThreadRef) -> None:
         if not self._open(conn, thread):
             pass
         elif conn.user.tenant.tid != thread.tenant.tid:
             self._probe(conn, "leave_thread", thread, {})
         else:
-            pending = self._fire(conn, "leave_thread", {"thread_id": thread.thread_id})
-            reply = self._call(self.driver.wait, pending) if pending else None
-            self.outcome = f"{conn.name} leave {thread.name}: {reply.type if reply else 'no reply'}"
+            self._leave(conn, thread)
 
     # -- messages and reads ----------------------------------------------------------
 
-    @rule(conn=conns, thread=threads, plan=contents())
-    @recorded
-    def send_message(self, conn: ConnRef, thread: ThreadRef, plan: ContentPlan) -> None:
+    def _send_any(self, conn: ConnRef, thread: ThreadRef, plan: ContentPlan) -> None:
         """Send without waiting: the reply streams while the next steps run."""
         if not self._open(conn, thread):
             return
@@ -376,13 +438,32 @@ class TenantMachine(RuleBasedStateMachine):
         if conn.user.tenant.tid != thread.tenant.tid:
             self._probe(conn, "user_message", thread, {"content": content})
             return
+        self._send(conn, thread, content, plan)
+
+    def _send(self, conn: ConnRef, thread: ThreadRef, content: str, plan: ContentPlan) -> None:
         self._fire(conn, "user_message", {"thread_id": thread.thread_id, "content": content})
         event(f"message {plan.size}")
         self.outcome = f"{conn.name} sent {len(content.encode())} bytes to {thread.name}"
 
-    @rule(conn=conns, thread=threads, limit=history_limits())
+    @rule(conn=conns, i=st.integers(0, 7), plan=contents())
     @recorded
-    def read_history(self, conn: ConnRef, thread: ThreadRef, limit: object) -> None:
+    def talk(self, conn: ConnRef, i: int, plan: ContentPlan) -> None:
+        """Send, without waiting, in a thread this connection has joined (the i-th, cyclically)."""
+        threads = self.joined.get(conn.name, [])
+        if not threads:
+            self.outcome = f"{conn.name} has joined no thread"
+        elif self._open(conn, threads[i % len(threads)]):
+            self._send(conn, threads[i % len(threads)], self._marker_content(plan), plan)
+
+    @rule(conn=conns, thread=st.integers(0, 15), limit=history_limits())
+    @recorded
+    def read_history(self, conn: ConnRef, thread: int, limit: object) -> None:
+        """Read any thread's history (another tenant's is a probe), with or without ``limit``."""
+        ref = self._thread(thread)
+        if ref is not None:
+            self._read(conn, ref, limit)
+
+    def _read(self, conn: ConnRef, thread: ThreadRef, limit: object) -> None:
         if not self._open(conn, thread):
             return
         fields: dict[str, Any] = {} if limit is None else {"limit": limit}
@@ -392,26 +473,17 @@ class TenantMachine(RuleBasedStateMachine):
         self._fire(conn, "get_history", {"thread_id": thread.thread_id, **fields})
         self.outcome = f"{conn.name} reads {thread.name} (limit {limit!r})"
 
-    @precondition(within_budget("list_threads"))
-    @rule(conn=conns)
-    @recorded
-    def list_threads(self, conn: ConnRef) -> None:
+    def _list_threads(self, conn: ConnRef) -> None:
         if self._open(conn):
             self._fire(conn, "list_threads", {})
         self.outcome = f"{conn.name} lists threads"
 
-    @precondition(within_budget("ping"))
-    @rule(conn=conns)
-    @recorded
-    def ping(self, conn: ConnRef) -> None:
+    def _ping(self, conn: ConnRef) -> None:
         if self._open(conn):
             self._fire(conn, "ping", {})
         self.outcome = f"{conn.name} pings"
 
-    @precondition(within_budget("send_bad_frame"))
-    @rule(conn=conns, kind=bad_frames())
-    @recorded
-    def send_bad_frame(self, conn: ConnRef, kind: str) -> None:
+    def _bad_frame(self, conn: ConnRef, kind: str) -> None:
         if not self._open(conn):
             return
         message, rid, readable, expect = bad_frame(kind, self.session.next_req_id())
@@ -420,24 +492,70 @@ class TenantMachine(RuleBasedStateMachine):
         event(f"bad frame {kind}")
         self.outcome = f"{conn.name} sent a bad frame ({kind}), expecting {expect}"
 
+    @rule(conn=conns, thread=st.integers(0, 15),
+          request=st.sampled_from(["join_thread", "get_history", "user_message", "leave_thread"]), plan=contents())
+    @recorded
+    def probe(self, conn: ConnRef, thread: int, request: str, plan: ContentPlan) -> None:
+        """Name any thread: another tenant's is a probe (it must look like one that does not exist)."""
+        ref = self._thread(thread)
+        if ref is None:
+            return
+        thread = ref  # type: ignore[assignment]
+        if request == "join_thread":
+            self._join_any(conn, thread)
+        elif request == "leave_thread":
+            self._leave_any(conn, thread)
+        elif request == "user_message":
+            self._send_any(conn, thread, plan)
+        else:
+            self._read(conn, thread, None)
+
+    @precondition(within_budget("bad_input"))
+    @rule(conn=conns, tenant=st.integers(0, 3), kind=st.one_of(
+        token_kinds().map(lambda k: ("token", k)),
+        bad_frames().map(lambda k: ("frame", k)),
+        bad_assistant_names().map(lambda k: ("assistant", k)),
+    ))
+    @recorded
+    def bad_input(self, conn: ConnRef, tenant: int, kind: tuple[str, str]) -> None:
+        """A token that must be refused, a malformed frame, or an invalid assistant name."""
+        what, value = kind
+        if what == "token":
+            self._connect_refused(self._tenant(tenant), "alice", value, "header")
+        elif what == "frame":
+            self._bad_frame(conn, value)
+        else:
+            self._bad_name(conn, value)
+
+    @precondition(within_budget("glance"))
+    @rule(conn=conns, which=st.sampled_from(["list_threads", "ping"]))
+    @recorded
+    def glance(self, conn: ConnRef, which: str) -> None:
+        """A thread list or a ping: cheap requests that must still be answered, and only to their sender."""
+        if which == "list_threads":
+            self._list_threads(conn)
+        else:
+            self._ping(conn)
+
     @rule(
         conns_=st.lists(conns, min_size=1, max_size=4),
-        threads_=st.lists(threads, min_size=1, max_size=4),
+        threads_=st.lists(st.integers(0, 15), min_size=1, max_size=4),
         kinds=st.lists(st.sampled_from(["start_agent", "user_message", "get_history", "join_thread", "ping"]),
                        min_size=2, max_size=6),
         plan=contents(),
     )
     @recorded
-    def burst(self, conns_: list[ConnRef], threads_: list[ThreadRef], kinds: list[str], plan: ContentPlan) -> None:
+    def burst(self, conns_: list[ConnRef], threads_: list[int], kinds: list[str], plan: ContentPlan) -> None:
         """Fire several operations at the same instant, on several connections."""
         ops = []
         for i, kind in enumerate(kinds):
             conn = conns_[i % len(conns_)]
-            thread = threads_[i % len(threads_)]
-            if kind not in ("start_agent", "ping") and (thread.thread_id is None or conn.user.tenant.tid != thread.tenant.tid):
+            thread = self._thread(threads_[i % len(threads_)])
+            if kind not in ("start_agent", "ping") and (thread is None or thread.thread_id is None or conn.user.tenant.tid != thread.tenant.tid):
                 continue
             if not self._open(conn):
                 continue
+            assert thread is not None or kind in ("start_agent", "ping")
             if kind == "start_agent":
                 fields: dict[str, Any] = {"assistant": "helper"}
             elif kind == "user_message":

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from hypothesis import settings
-from hypothesis.stateful import MultipleResults, run_state_machine_as_test
+from hypothesis.stateful import run_state_machine_as_test
 
 from partywall.errors import HarnessError, Violation
 from partywall.session import Session
@@ -27,24 +27,28 @@ REPRODUCE_RUNS = 3
 
 
 def run_property(session: Session, machine: type[TenantMachine] = TenantMachine) -> None:
-    """Run the machine under the current Hypothesis profile; report and re-raise any violation."""
+    """Run the machine under the current Hypothesis profile; shrink, report and re-raise any violation."""
     machine.session = session
     try:
         run_state_machine_as_test(machine, settings=settings())
     except HarnessError:
         raise
     except BaseException as exc:  # noqa: BLE001 - every failure is reported below, then re-raised
-        failure = session.failures[-1] if session.failures else None
+        failure = session.failures[0] if session.failures else None
         if failure is None or failure["violation"] is None:
             raise
-        violation = Violation(**failure["violation"])
-        k = sum(1 for _ in range(REPRODUCE_RUNS) if replay(session, machine, failure["program"])[0] is not None)
+        found = Violation(**failure["violation"])
+        budget = float(session.config.get("shrink_seconds", 40))
+        program, violation = shrink(session, machine, failure["program"], found, budget)
+        k = sum(1 for _ in range(REPRODUCE_RUNS) if _same(replay(session, machine, program)[0], found))
+        failure = {**failure, "program": program, "violation": violation.to_json()}
         path = write_replay(session, failure, f"{k}/{REPRODUCE_RUNS}")
         session.report(violation, f"{k}/{REPRODUCE_RUNS}", str(path))
         raise Violation(
             violation.invariant,
-            f"{violation.title}\n\nShrunk to {len(failure['program'])} steps; reproduced {k}/{REPRODUCE_RUNS} "
-            f"on re-runs.\nReplay: partywall replay {path}\n{format_program(failure['program'])}",
+            f"{violation.title}\n\nShrunk from {session.stats.get('found_steps')} to {len(program)} steps "
+            f"in {session.stats.get('shrink_s')} s; reproduced {k}/{REPRODUCE_RUNS} on re-runs.\n"
+            f"Replay: partywall replay {path}\n{format_program(program)}",
             violation.evidence,
         ) from (exc if not isinstance(exc, Violation) else None)
     finally:
@@ -54,6 +58,72 @@ def run_property(session: Session, machine: type[TenantMachine] = TenantMachine)
     bad = [v for v in session.violations if v.violation.invariant == "timing" and "p95" in v.violation.title]
     if bad:
         raise bad[0].violation
+
+
+def _same(caught: Violation | None, found: Violation) -> bool:
+    return caught is not None and caught.invariant == found.invariant
+
+
+#: Simpler values to try for a step's plain arguments, by argument name.
+SIMPLER: dict[str, list[Any]] = {
+    "first": ["acme"], "second": ["globex"], "base": ["acme"], "uid": ["alice"], "assistant": ["helper"],
+    "via": ["header"], "abrupt": [False], "limit": [None], "i": [0],
+    "plan": [{"content": ["short", ""]}],
+}
+
+
+def shrink(session: Session, machine: type[TenantMachine], program: list[dict[str, Any]], found: Violation,
+           budget_s: float) -> tuple[list[dict[str, Any]], Violation]:
+    """Shrink a failing program by replaying candidates against the server, within a time budget.
+
+    Hypothesis's own shrinker re-runs the whole machine hundreds of times;
+    against a live server at 0.1-1 s a run that takes longer than a proof
+    may. This one is delta debugging over steps (remove halves, quarters...,
+    single steps), then simpler argument values, keeping a candidate only if
+    it fails with the *same invariant* (so shrinking cannot slide onto
+    another bug), and stops when the budget is spent, keeping the best so far.
+    """
+    deadline = time.monotonic() + budget_s
+    started = time.monotonic()
+    best, best_v = list(program), found
+    session.stats["found_steps"] = len(program)
+
+    def fails(candidate: list[dict[str, Any]]) -> Violation | None:
+        try:
+            caught, outcomes = replay(session, machine, candidate)
+        except HarnessError:
+            return None  # a step refers to something a removed step made: not a valid program
+        if not _same(caught, found):
+            return None
+        for step, outcome in zip(candidate, outcomes):
+            step["then"] = outcome  # what each step did in the run that is kept
+        return caught
+
+    chunk = max(1, len(best) // 2)
+    while chunk >= 1 and time.monotonic() < deadline:
+        i, removed = 0, False
+        while i < len(best) and time.monotonic() < deadline:
+            candidate = [dict(step) for step in best[:i] + best[i + chunk:]]
+            caught = fails(candidate) if candidate else None
+            if caught is not None:
+                best, best_v, removed = candidate, caught, True
+            else:
+                i += chunk
+        if not removed:
+            chunk //= 2
+    for idx in range(len(best)):
+        for name, value in list(best[idx]["args"].items()):
+            for simpler in SIMPLER.get(name, []):
+                if time.monotonic() >= deadline or value == simpler:
+                    break
+                candidate = [dict(s, args=dict(s["args"])) for s in best]
+                candidate[idx]["args"][name] = simpler
+                caught = fails(candidate)
+                if caught is not None:
+                    best, best_v = candidate, caught
+    session.stats["shrink_s"] = round(time.monotonic() - started, 1)
+    session.stats["shrunk_steps"] = len(best)
+    return best, best_v
 
 
 def _rate(session: Session) -> float | None:
@@ -81,6 +151,7 @@ def _show(v: Any) -> str:
 
 
 def decode_arg(value: Any, refs: dict[str, Any]) -> Any:
+    """A recorded argument as a value; ``refs`` maps recorded names to this run's objects."""
     if isinstance(value, dict) and "ref" in value:
         if value["ref"] not in refs:
             raise HarnessError(f"the replay refers to {value['ref']!r}, which no earlier step made.")
@@ -99,14 +170,20 @@ def replay(session: Session, machine_cls: type[TenantMachine], program: list[dic
     m = machine_cls()
     outcomes: list[str] = []
     caught: Violation | None = None
+    alias: dict[str, Any] = {}
     try:
         for i, step in enumerate(program, 1):
-            rule = getattr(m, step["rule"])
-            kwargs = {k: decode_arg(v, m.refs) for k, v in step["args"].items()}
-            # A consumed connection leaves the bundle; the machine's refs keep it by name.
-            result = rule(**kwargs)
-            if isinstance(result, MultipleResults):
-                result = None
+            rule = getattr(m, step["rule"], None)
+            if rule is None:
+                raise HarnessError(f"the replay names a rule {step['rule']!r} this machine does not have.")
+            kwargs = {k: decode_arg(v, alias) for k, v in step["args"].items()}
+            before = set(m.refs)
+            rule(**kwargs)
+            made = [name for name in m.refs if name not in before]
+            # Steps removed by shrinking shift the names later steps get; map the
+            # names the original run recorded onto the objects made now.
+            for old, new in zip(step.get("made", made), made):
+                alias[old] = m.refs[new]
             outcomes.append(m.outcome)
             if show is not None:
                 show(i, step, m.outcome)

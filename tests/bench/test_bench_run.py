@@ -7,7 +7,8 @@ time-out. The 20-user run against the embedded server is made once per
 module and shared by the schema, JUnit and browser tests. The serialised
 start-up run uses 60 users at 100-150 ms each, so start-ups queue for about
 7.5 s and the p95 lands near 7 s: clearly over the default 5 s limit (no
-threshold is lowered), in about ten seconds.
+threshold is lowered), in about ten seconds. The leak run shows that an
+invariant fails the benchmark even when every figure is within its limit.
 """
 
 from __future__ import annotations
@@ -108,6 +109,25 @@ def test_bench_fails_the_p95_gate_when_agent_startups_serialise(tmp_path: Path) 
     assert report["success_rate"]["connect"] == 1.0 and report["success_rate"]["overall"] == 1.0
     assert [x for x in report["violations"] if x["invariant"] != "timing"] == []
     assert "VIOLATION [timing] agent_startup_p95_ms" in proc.stdout
+
+
+@pytest.mark.timeout(120)
+def test_bench_fails_on_a_leak_even_when_it_is_fast(tmp_path: Path) -> None:
+    # The plan gives users of different tenants the same assistant names; a server that looks
+    # assistants up by name alone hands one tenant's assistant to another.
+    secret = secrets.token_urlsafe(32)
+    cmd = (f"{shlex.quote(sys.executable)} -m agentserver --port 0 --db {shlex.quote(str(tmp_path / 'leak.db'))} "
+           "--fault assistant_by_name")
+    report_path = tmp_path / "report.json"
+    proc = _bench("--users", "20", "--server-cmd", cmd, "--auth-secret", secret, "--report", str(report_path),
+                  cwd=tmp_path)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(report_path.read_text(encoding="utf-8"))
+    assert report["ok"] is False
+    assert report["thresholds"]["agent_startup_p95_ms"]["ok"] is True
+    assert report["thresholds"]["violations"]["ok"] is False
+    leaks = [v for v in report["violations"] if v["invariant"] == "isolation"]
+    assert leaks and "assistant_id reached a connection of tenant" in leaks[0]["title"]
 
 
 @pytest.mark.slow

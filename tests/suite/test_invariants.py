@@ -1,0 +1,237 @@
+"""Each invariant on small recorded histories: silent on a correct one, loud on a broken one.
+
+Rules: no sockets here. A `Sim` appends events to a real `History` and feeds
+them, with frames parsed by the real adapter, to the real `Checker` with the
+real model and invariants, exactly as the driver does during a run. Each
+broken history is the smallest one that shows the bug; the generated suite
+finding the same bugs in a real server is `test_fault_proofs.py`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from partywall.adapter import Adapter
+from partywall.checks import Checker
+from partywall.history import History
+from props.invariants import INVARIANTS, percentile_violations
+from props.model import Model
+
+M1 = "PWMabcdef0000001Z"
+M2 = "PWMabcdef0000002Z"
+
+
+class Sim:
+    def __init__(self, limits: dict[str, Any] | None = None) -> None:
+        self.history = History()
+        self.model = Model(limits=limits)
+        self.checker = Checker(self.model, INVARIANTS.select(), self.history)
+        self.adapter = Adapter()
+        self.t = 0.0
+
+    def ev(self, kind: str, op: str, conn: str | None = None, req_id: str | None = None,
+           data: dict[str, Any] | None = None, frame: dict[str, Any] | str | None = None, dt: float = 0.01) -> None:
+        self.t += dt
+        raw = frame if isinstance(frame, str) or frame is None else json.dumps(frame)
+        parsed = self.adapter.decode(raw) if raw is not None else None
+        event = self.history.append(kind, op, t=self.t, conn=conn, req_id=req_id, data=data or {}, raw=raw)
+        self.checker(event, parsed)
+
+    def connect(self, conn: str, tenant: str, user: str = "alice", token_kind: str = "valid") -> None:
+        self.ev("invoke", "connect", conn, data={"tenant": tenant, "user": user, "via": "header", "token_kind": token_kind})
+        welcome = {"type": "welcome", "protocol": 1, "tenant": tenant, "user": user, "connection_id": f"cid-{conn}", "server_time": 1.0}
+        self.ev("frame", "welcome", conn, frame=welcome)
+        self.ev("ok", "connect", conn, data={"welcome": welcome, "latency_ms": 1.0})
+
+    def request(self, conn: str, rid: str, rtype: str, **fields: Any) -> None:
+        self.ev("invoke", rtype, conn, rid, data=fields)
+
+    def reply(self, conn: str, rid: str | None, frame: dict[str, Any], final: str | None = None, latency_ms: float = 5.0) -> None:
+        if rid is not None:
+            frame = {**frame, "re": rid}
+        self.ev("frame", frame["type"], conn, rid, frame=frame)
+        if final is not None:
+            self.ev(final, "request", conn, rid, data={"latency_ms": latency_ms}, frame=frame)
+
+    def start(self, conn: str, rid: str, thread: str, assistant_id: str = "as1") -> None:
+        self.request(conn, rid, "start_agent", assistant="helper")
+        self.reply(conn, rid, {"type": "agent_started", "agent_id": "ag-" + thread, "assistant_id": assistant_id,
+                               "thread_id": thread, "startup_ms": 50.0})
+        self.ev("ok", "start_agent", conn, rid, data={"latency_ms": 60.0})
+
+    def turn(self, conn: str, rid: str, thread: str, content: str, mid: str, rmid: str, chunks: list[str] | None = None) -> None:
+        self.request(conn, rid, "user_message", thread_id=thread, content=content)
+        self.reply(conn, rid, {"type": "ack", "thread_id": thread, "message_id": mid})
+        reply = "echo: " + content
+        parts = chunks if chunks is not None else [reply[:6], reply[6:]]
+        for i, part in enumerate(parts):
+            self.reply(conn, rid, {"type": "agent_chunk", "thread_id": thread, "seq": i, "delta": part})
+        self.reply(conn, rid, {"type": "agent_response", "thread_id": thread, "message_id": rmid, "content": reply})
+        self.ev("ok", "user_message", conn, rid, data={"latency_ms": 80.0})
+
+    def found(self) -> list[tuple[str, str]]:
+        return [(f.violation.invariant, f.violation.title) for f in self.checker.found]
+
+    def names(self) -> set[str]:
+        return {f.violation.invariant for f in self.checker.found}
+
+
+def two_tenants_with_a_turn() -> Sim:
+    s = Sim()
+    s.connect("c0", "acme")
+    s.connect("c1", "globex")
+    s.start("c0", "r0", "T1")
+    s.turn("c0", "r1", "T1", f"{M1} hello", "m1", "m2")
+    return s
+
+
+def test_invariants_silent_on_a_correct_history() -> None:
+    s = two_tenants_with_a_turn()
+    s.request("c0", "r2", "get_history", thread_id="T1")
+    s.reply("c0", "r2", {"type": "history", "thread_id": "T1", "messages": [
+        {"message_id": "m1", "role": "user", "user": "alice", "content": f"{M1} hello", "created_at": 1.0},
+        {"message_id": "m2", "role": "assistant", "content": f"echo: {M1} hello", "created_at": 1.1}]}, final="ok")
+    s.ev("info", "probe", "c1", data={"foreign": "p1", "absent": "p2", "request": "get_history", "thread": "th0", "owner_tenant": "acme"})
+    not_found = {"type": "error", "code": "not_found", "message": "No thread with that id exists for this tenant."}
+    s.request("c1", "p1", "get_history", thread_id="T1")
+    s.request("c1", "p2", "get_history", thread_id="Zzzz")
+    s.reply("c1", "p1", not_found, final="fail")
+    s.reply("c1", "p2", not_found, final="fail")
+    assert s.found() == []
+
+
+def test_isolation_foreign_marker_and_id() -> None:
+    s = two_tenants_with_a_turn()
+    s.reply("c1", None, {"type": "thread_message", "thread_id": "T1", "message_id": "m1", "role": "user",
+                         "user": "alice", "content": f"{M1} hello"})
+    titles = [t for n, t in s.found() if n == "isolation"]
+    assert any("marker" in t for t in titles) and any("thread_id" in t for t in titles)
+
+
+def test_isolation_unknown_user_and_refused_token_and_welcome() -> None:
+    s = Sim()
+    s.connect("c0", "acme", "alice")
+    s.connect("c1", "globex", "bob", token_kind="expired")
+    s.request("c0", "r1", "get_history", thread_id="T9")
+    s.reply("c0", "r1", {"type": "history", "thread_id": "T9", "messages": [
+        {"message_id": "x", "role": "user", "user": "mallory", "content": "", "created_at": 1.0}]})
+    titles = [t for n, t in s.found() if n == "isolation"]
+    assert any("must be refused" in t for t in titles)
+    assert any("'mallory'" in t for t in titles)
+
+
+def test_isolation_foreign_id_answered_differently_from_absent() -> None:
+    s = two_tenants_with_a_turn()
+    s.ev("info", "probe", "c1", data={"foreign": "p1", "absent": "p2", "request": "join_thread", "thread": "th0", "owner_tenant": "acme"})
+    s.request("c1", "p1", "join_thread", thread_id="T1")
+    s.request("c1", "p2", "join_thread", thread_id="Zzzz")
+    s.reply("c1", "p2", {"type": "error", "code": "not_found", "message": "No such thread."}, final="fail")
+    s.reply("c1", "p1", {"type": "error", "code": "not_found", "message": "Thread belongs to another tenant."}, final="fail")
+    assert any("differently" in t for n, t in s.found() if n == "isolation")
+
+
+def test_routing_fanout_after_leave_and_stray_re() -> None:
+    s = Sim()
+    s.connect("c0", "acme")
+    s.connect("c1", "acme", "bob")
+    s.start("c0", "r0", "T1")
+    s.request("c1", "r1", "join_thread", thread_id="T1")
+    s.reply("c1", "r1", {"type": "joined", "thread_id": "T1"}, final="ok")
+    s.request("c1", "r2", "leave_thread", thread_id="T1")
+    s.reply("c1", "r2", {"type": "left", "thread_id": "T1"}, final="ok")
+    s.reply("c1", None, {"type": "agent_chunk", "thread_id": "T1", "seq": 0, "delta": "echo"})
+    s.reply("c1", "r0", {"type": "pong", "server_time": 1.0})
+    titles = [t for n, t in s.found() if n == "routing"]
+    assert any("has left" in t for t in titles) and any("reached c1" in t for t in titles)
+
+
+def test_durability_missing_and_changed_messages() -> None:
+    s = two_tenants_with_a_turn()
+    s.request("c0", "r2", "get_history", thread_id="T1")
+    s.reply("c0", "r2", {"type": "history", "thread_id": "T1", "messages": [
+        {"message_id": "m1", "role": "user", "user": "alice", "content": "changed", "created_at": 1.0}]})
+    titles = [t for n, t in s.found() if n == "durability"]
+    assert any("missing" in t for t in titles) and any("different" in t for t in titles)
+
+
+def test_exactly_once_repeated_response_and_bad_assembly() -> None:
+    s = two_tenants_with_a_turn()
+    s.reply("c0", "r1", {"type": "agent_response", "thread_id": "T1", "message_id": "m2", "content": "echo: x"})
+    s.turn("c0", "r3", "T1", "again", "m3", "m4", chunks=["echo: ", "agai"])
+    titles = [t for n, t in s.found() if n == "exactly-once"]
+    assert any("second agent_response" in t for t in titles) and any("add up" in t for t in titles)
+
+
+def test_exactly_once_chunk_gap() -> None:
+    s = Sim()
+    s.connect("c0", "acme")
+    s.start("c0", "r0", "T1")
+    s.request("c0", "r1", "user_message", thread_id="T1", content="a")
+    s.reply("c0", "r1", {"type": "ack", "thread_id": "T1", "message_id": "m1"})
+    s.reply("c0", "r1", {"type": "agent_chunk", "thread_id": "T1", "seq": 1, "delta": "echo: a"})
+    s.reply("c0", "r1", {"type": "agent_response", "thread_id": "T1", "message_id": "m2", "content": "echo: a"})
+    assert any("missing" in t for n, t in s.found() if n == "exactly-once")
+
+
+def test_ordering_two_users_in_a_row_and_reply_order() -> None:
+    s = two_tenants_with_a_turn()
+    s.turn("c0", "r3", "T1", "second", "m3", "m4")
+    s.request("c0", "r4", "get_history", thread_id="T1")
+    s.reply("c0", "r4", {"type": "history", "thread_id": "T1", "messages": [
+        {"message_id": "m1", "role": "user", "user": "alice", "content": f"{M1} hello", "created_at": 1.0},
+        {"message_id": "m3", "role": "user", "user": "alice", "content": "second", "created_at": 1.2},
+        {"message_id": "m2", "role": "assistant", "content": f"echo: {M1} hello", "created_at": 1.1},
+        {"message_id": "m4", "role": "assistant", "content": "echo: second", "created_at": 1.3}]})
+    assert "ordering" in s.names()
+
+
+def test_liveness_timeout_and_death() -> None:
+    s = Sim()
+    s.connect("c0", "acme")
+    s.request("c0", "r1", "ping")
+    s.ev("info", "timeout", "c0", "r1", data={"type": "ping", "waited_s": 10.1, "limit_s": 10.0})
+    s.ev("info", "died", None, data={"reason": "exit 1"})
+    assert [n for n, _ in s.found()] == ["liveness", "liveness"]
+
+
+def test_timing_per_operation_and_percentiles() -> None:
+    s = Sim(limits={"start_agent_ms": 100})
+    s.connect("c0", "acme")
+    s.request("c0", "r0", "start_agent", assistant="helper")
+    s.reply("c0", "r0", {"type": "agent_started", "agent_id": "a", "assistant_id": "b", "thread_id": "T", "startup_ms": 1.0})
+    s.ev("ok", "start_agent", "c0", "r0", data={"latency_ms": 250.0})
+    assert any("250 ms, over the limit of 100" in t for n, t in s.found() if n == "timing")
+    fast = {"start_agent": [10.0] * 19}
+    assert percentile_violations(fast, {"start_agent_p95_ms": 5, "min_samples": 20}) == []  # too few samples to judge
+    slow = {"start_agent": [10.0] * 18 + [900.0, 900.0]}
+    (v,) = percentile_violations(slow, {"start_agent_p95_ms": 500, "min_samples": 20})
+    assert v.evidence["actual_ms"] == 900.0 and v.evidence["n"] == 20
+
+
+@pytest.mark.parametrize("frame, says", [
+    ('{"type": "pong", "re": "r1", "server_time": NaN}', "strict JSON"),
+    ('{"type": "pong", "re": "r1"}', "server_time"),
+    ('{"type": "error", "re": "r1", "code": "internal", "message": "boom"}', "internal"),
+    ('{"type": "joined", "re": "r1", "thread_id": "T"}', "answered with 'joined'"),
+    ('{"type": "teleport", "re": "r1"}', "unknown frame type"),
+])
+def test_protocol_schema_and_codes(frame: str, says: str) -> None:
+    s = Sim()
+    s.connect("c0", "acme")
+    s.request("c0", "r1", "ping")
+    s.ev("frame", "x", "c0", "r1", frame=frame)
+    assert any(says in t for n, t in s.found() if n == "protocol"), s.found()
+
+
+def test_protocol_wrong_error_code_for_oversized_content() -> None:
+    s = Sim()
+    s.connect("c0", "acme")
+    s.start("c0", "r0", "T1")
+    s.request("c0", "r1", "user_message", thread_id="T1", content="x" * 16_385)
+    s.ev("frame", "error", "c0", "r1", frame={"type": "error", "re": "r1", "code": "too_large", "message": "big"})
+    s.ev("fail", "user_message", "c0", "r1", data={"latency_ms": 1.0},
+         frame={"type": "error", "re": "r1", "code": "too_large", "message": "big"})
+    assert any("bad_request" in t for n, t in s.found() if n == "protocol")

@@ -1,0 +1,71 @@
+"""What the strategies draw reaches the protocol's edges, and markers stay distinct.
+
+Rules: pure Hypothesis tests, no sockets. `find` shows a strategy can reach a
+case (the edge cases are not just possible on paper); `given` checks what
+every draw must satisfy.
+"""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis import find
+
+from partywall.adapter import MAX_CONTENT, MAX_ID, valid_id
+from partywall.markers import MARKER_LEN, MarkerMint, markers_in
+from strategies import BAD_FRAME_KINDS, bad_frame, build_content, contents, id_text, tenant_bases, user_ids
+
+
+@given(tenant_bases(), user_ids())
+def test_strategies_ids_are_valid(base: str, uid: str) -> None:
+    assert valid_id(base) and valid_id(uid)
+
+
+def test_strategies_reach_case_and_normalisation_twins() -> None:
+    pair = find(st.tuples(tenant_bases(), tenant_bases()),
+                lambda p: p[0] != p[1] and unicodedata.normalize("NFC", p[0]) == unicodedata.normalize("NFC", p[1]))
+    assert pair[0] != pair[1]
+    find(st.tuples(tenant_bases(), tenant_bases()), lambda p: p[0] != p[1] and p[0].lower() == p[1].lower())
+    find(id_text(), lambda s: any(ord(c) > 0xFFFF for c in s))  # astral characters
+    find(user_ids(), lambda s: len(s) == MAX_ID)
+
+
+@given(contents())
+def test_strategies_content_hits_its_byte_size(plan) -> None:  # type: ignore[no-untyped-def]
+    marker = MarkerMint(1).next()
+    content = build_content(plan, marker)
+    size = len(content.encode("utf-8"))
+    expected = {"around_8k": 8192, "exact_limit": MAX_CONTENT, "one_over": MAX_CONTENT + 1}.get(plan.size)
+    if expected is not None:
+        assert size == expected
+    if plan.size == "empty":
+        assert content == ""
+    else:
+        assert markers_in(content)[0] == marker
+    json.dumps(content)  # no surrogates: it travels as JSON
+
+
+def test_strategies_content_reaches_beyond_latin1() -> None:
+    find(contents(), lambda p: p.size == "short" and any(ord(c) > 0xFF for c in p.text))
+    find(contents(), lambda p: p.size == "exact_limit" and len(p.text.encode()) > 1)
+
+
+def test_markers_are_reproducible_distinct_and_fixed_width() -> None:
+    a, b = MarkerMint(42), MarkerMint(42)
+    first = [a.next() for _ in range(1000)]
+    assert first == [b.next() for _ in range(1000)]
+    assert len(set(first)) == 1000 and {len(m) for m in first} == {MARKER_LEN}
+    assert MarkerMint(43).next() != first[0]
+    joined = " ".join(first)
+    assert markers_in(joined) == first  # no marker hides inside another
+
+
+def test_bad_frames_cover_every_kind() -> None:
+    for kind in BAD_FRAME_KINDS:
+        message, rid, readable, expect = bad_frame(kind, "q1-0")
+        size = len(message if isinstance(message, bytes) else message.encode())
+        assert (size > 65_536) == (kind == "oversize")
+        assert expect == ("too_large" if kind == "oversize" else "bad_request")
