@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("file", help="a replay file written by a failing run")
     _add_target(rp)
 
-    serve = sub.add_parser("serve", help="start the reference server (a random secret unless one is given)")
+    serve = sub.add_parser("serve", help="start the reference server (a random secret unless one is given)",
+                           description="Every option is passed to `python -m agentserver` (see its --help).")
     serve.add_argument("server_args", nargs=argparse.REMAINDER, help="options of python -m agentserver")
 
     tok = sub.add_parser("token", help="print a token for manual use")
@@ -206,7 +207,11 @@ COMMANDS = {"run": cmd_run, "bench": cmd_bench, "replay": cmd_replay, "serve": c
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] == ["serve"] and not {"-h", "--help"} & set(args[1:]):
+        # Everything after `serve` belongs to the server, options included.
+        return cmd_serve(argparse.Namespace(server_args=args[1:]))
+    ns = parser.parse_args(args)
     try:
         return COMMANDS[ns.command](ns)
     except HarnessError as exc:

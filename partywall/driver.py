@@ -333,9 +333,9 @@ class Driver:
         """Close every open connection cleanly (the end of an example)."""
         await self._close_all(abrupt=False)
 
-    async def wait_closed(self, timeout: float = 5.0) -> None:
-        """Wait until every connection has seen its end (after the server was killed)."""
-        with trio.move_on_after(timeout):
+    async def wait_closed(self) -> None:
+        """Wait (up to 5 s) until every connection has seen its end (after the server was killed)."""
+        with trio.move_on_after(5.0):
             for conn in list(self.conns.values()):
                 await conn.done.wait()
 
@@ -389,17 +389,20 @@ class Driver:
             self._mark_closed(conn, "closed while sending")
         return pending
 
-    async def wait(self, pending: Pending, timeout: float | None = None) -> Frame | None:
-        """Wait for a request's final reply; None when it timed out or its connection closed."""
-        with trio.move_on_after(self.reply_timeout_s if timeout is None else timeout):
+    async def wait(self, pending: Pending) -> Frame | None:
+        """Wait up to the reply limit for a request's final reply; None when it timed out or its
+        connection closed. (An async caller wanting another limit puts ``move_on_after`` around
+        ``pending.done.wait()`` itself.)"""
+        with trio.move_on_after(self.reply_timeout_s):
             await pending.done.wait()
         return pending.final
 
-    async def settle(self, timeout: float | None = None) -> list[Pending]:
+    async def settle(self) -> list[Pending]:
         """Wait until nothing is in flight, or the reply limit passes; return what is still pending."""
-        deadline = trio.current_time() + (self.reply_timeout_s if timeout is None else timeout) + 0.5
-        while self.pending and trio.current_time() < deadline:
-            await trio.sleep(0.01)
+        with trio.move_on_after(self.reply_timeout_s + 0.5):
+            while self.pending:
+                # Any request still in flight: wait for the oldest; the limit bounds the whole wait.
+                await next(iter(self.pending.values())).done.wait()
         return list(self.pending.values())
 
     async def pause(self, seconds: float) -> None:

@@ -36,7 +36,7 @@ _STATE: dict[str, Any] = {}
 
 def register_profiles(cfg: dict[str, Any]) -> None:
     """Register dev, ci, nightly and bench with Hypothesis from the config."""
-    common = dict(
+    common: dict[str, Any] = dict(
         deadline=None,  # a step's network time is checked by the `timing` invariant, not here
         suppress_health_check=list(HealthCheck),
         report_multiple_bugs=False,
@@ -94,7 +94,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """The replay runner runs only when asked for; the bench only under its profile."""
     replay = config.getoption("partywall_replay")
     bench = settings._current_profile == "bench"  # noqa: SLF001 - the profile pytest loaded
-    keep, drop = [], []
+    keep: list[pytest.Item] = []
+    drop: list[pytest.Item] = []
     for item in items:
         is_replay = item.get_closest_marker("partywall_replay") is not None
         is_bench = item.get_closest_marker("partywall_bench") is not None

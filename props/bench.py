@@ -422,7 +422,9 @@ class BenchRun:
         pending = await self.driver.send(conn, req_type, req_id, fields, t=t)
         if pending is None:
             return None, [], "the connection was closed before the request was sent"
-        final = await self.driver.wait(pending, timeout=max(0.0, t + self.timeout_s - time.monotonic()))
+        with trio.move_on_after(max(0.0, t + self.timeout_s - time.monotonic())):
+            await pending.done.wait()
+        final = pending.final
         times = self.clock.by_req.pop(req_id, [])
         if final is None:
             why = ("the connection closed before the reply" if pending.done.is_set()

@@ -28,17 +28,17 @@ import attrs
 import trio
 from hypothesis import event as _event
 from hypothesis import note as _note
+from hypothesis import strategies as st
 from hypothesis import target as _target
 from hypothesis.control import currently_in_test_context
-from hypothesis import strategies as st
 from hypothesis.stateful import (
     Bundle,
-    RuleBasedStateMachine,
     MultipleResults,
+    RuleBasedStateMachine,
     consumes,
     initialize,
-    multiple,
     invariant,
+    multiple,
     precondition,
     rule,
 )

@@ -86,3 +86,32 @@ def test_cli_ci_profile_passes_against_the_reference_server(tmp_path: Path) -> N
     assert data["ok"] is True and data["violations"] == []
     assert data["stats"]["steps"] > 500 and data["stats"]["rules"]["send_message"] > 10
     assert took < 180, f"the ci profile took {took:.0f} s"
+
+
+def test_cli_serve_prints_the_ready_line_and_a_token_command(tmp_path: Path) -> None:
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-m", "partywall.cli", "serve", "--port", "0", "--db", str(tmp_path / "s.db")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        line = proc.stdout.readline()  # type: ignore[union-attr]
+        assert line.startswith("listening on ws://127.0.0.1:") and line.rstrip().endswith("/ws")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0
+    assert "generated secret" in err and "partywall token --secret" in err
+
+
+@pytest.mark.slow
+def test_cli_server_that_dies_by_itself_is_a_liveness_violation(tmp_path: Path) -> None:
+    """A server that exits mid-run fails the run (exit 1), named as liveness, not as a harness error."""
+    db = tmp_path / "s.db"
+    # The server runs for three seconds, then is killed from inside its own command.
+    cmd = (f"{sys.executable} -m agentserver --port 0 --db {db} & pid=$!; sleep 3; kill -9 $pid; wait $pid")
+    report = tmp_path / "r.json"
+    proc = partywall("run", "--profile", "ci", "--server-cmd", cmd, "--auth-secret", "d" * 32, "--report", str(report),
+                     "--set", "shrink_seconds=5", cwd=tmp_path, timeout=200)
+    data = json.loads(report.read_text())
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert any(v["invariant"] == "liveness" for v in data["violations"]), data["violations"]

@@ -10,13 +10,20 @@ from __future__ import annotations
 import json
 import unicodedata
 
-from hypothesis import given
+from hypothesis import find, given
 from hypothesis import strategies as st
-from hypothesis import find
 
 from partywall.adapter import MAX_CONTENT, MAX_ID, valid_id
 from partywall.markers import MARKER_LEN, MarkerMint, markers_in
-from strategies import BAD_FRAME_KINDS, bad_frame, build_content, contents, id_text, tenant_bases, user_ids
+from strategies import (
+    BAD_FRAME_KINDS,
+    bad_frame,
+    build_content,
+    contents,
+    id_text,
+    tenant_bases,
+    user_ids,
+)
 
 
 @given(tenant_bases(), user_ids())
