@@ -86,8 +86,22 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(str(exc)) from exc
     _STATE["cfg"] = cfg
     register_profiles(cfg)
-    if not config.getoption("hypothesis_profile", None) and os.environ.get("CI"):
+    profile = config.getoption("hypothesis_profile", None)
+    if not profile and os.environ.get("CI"):
+        profile = "ci"
         settings.load_profile("ci")  # explicit: partywall's ci, not Hypothesis's built-in one
+    # One seed for the run: --partywall-seed, else the profile's fixed seed, else random.
+    # It seeds the markers and, through --hypothesis-seed (read by Hypothesis's plugin
+    # after this hook), generation: the same seed gives the same generated workload.
+    prof_cfg = cfg.get("profiles", {}).get(profile or "dev", {})
+    seed = config.getoption("partywall_seed")
+    if seed is None:
+        seed = prof_cfg.get("seed") if profile != "bench" else cfg.get("bench", {}).get("seed")
+    if seed is None:
+        seed = int.from_bytes(os.urandom(4), "big")
+    _STATE["seed"] = int(seed)
+    if config.getoption("hypothesis_seed", None) is None:
+        config.option.hypothesis_seed = str(seed)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -130,10 +144,7 @@ def partywall_session(request: pytest.FixtureRequest, partywall_config: dict[str
     """The run: target started or reached, seed fixed, report kept."""
     opt = request.config.getoption
     profile = _profile_name()
-    prof_cfg = partywall_config.get("profiles", {}).get(profile, {})
-    seed = opt("partywall_seed")
-    if seed is None:
-        seed = int(prof_cfg.get("seed", partywall_config.get("bench", {}).get("seed", 0)) if profile in ("ci", "bench") else 0) or int.from_bytes(os.urandom(4), "big")
+    seed = _STATE["seed"]
     replay_dir = Path(opt("partywall_replay_dir") or ".partywall/replays")
     try:
         target = make_target(

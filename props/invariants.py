@@ -239,7 +239,7 @@ def one_complete_reply(model: Model, ev: Event, frame: Frame | None) -> Iterator
         req = model.reqs.get(ev.req_id or "")
         if req is not None and req.type == "user_message" and req.acked is not None and not req.responses:
             yield Violation("exactly-once", f"an acked message got no agent_response within {ev.data.get('limit_s')} s",
-                            {**_where(model, ev), "request": req.req_id, "message_id": req.acked,
+                            {**_where(model, ev), "request": req.req_id, "message_id": req.acked, "step": req.step,
                              "chunks_received": sorted(req.chunks)})
 
 
@@ -319,7 +319,8 @@ def answered_in_time(model: Model, ev: Event, frame: Frame | None) -> Iterator[V
         req = model.reqs.get(ev.req_id or "")
         if req is not None and not (req.type == "user_message" and req.acked is not None):
             yield Violation("liveness", f"{req.type} got no {'reply' if req.type != 'user_message' else 'ack'} within {ev.data.get('limit_s')} s",
-                            {**_where(model, ev), "request": req.req_id, "fields": {k: str(v)[:80] for k, v in req.fields.items()}})
+                            {**_where(model, ev), "request": req.req_id, "step": req.step,
+                             "fields": {k: str(v)[:80] for k, v in req.fields.items()}})
     elif ev.kind == "info" and ev.op == "connect" and ev.data.get("reason") == "timeout":
         yield Violation("liveness", f"the handshake got no welcome within {ev.data.get('limit_s')} s", _where(model, ev))
     elif ev.kind == "info" and ev.op == "died":
@@ -338,15 +339,18 @@ def within_limits(model: Model, ev: Event, frame: Frame | None) -> Iterator[Viol
         limit = model.limits.get(_LIMIT_OF[ev.op])
         actual = float(ev.data["latency_ms"])
         if limit is not None and actual > limit:
+            req = model.reqs.get(ev.req_id or "")
             yield Violation("timing", f"{ev.op} took {actual:.0f} ms, over the limit of {limit} ms",
-                            {**_where(model, ev), "operation": ev.op, "actual_ms": round(actual, 1), "limit_ms": limit})
+                            {**_where(model, ev), "operation": ev.op, "actual_ms": round(actual, 1), "limit_ms": limit,
+                             "step": req.step if req is not None else ev.step})
     elif _frame_in(model, ev, frame) and frame is not None and frame.type == "ack":
         req = model.reqs.get(frame.re or "")
         limit = model.limits.get("ack_ms")
         if req is not None and req.acked is None and limit is not None and (ev.t - req.t) * 1000 > limit:
             actual = (ev.t - req.t) * 1000
             yield Violation("timing", f"ack took {actual:.0f} ms, over the limit of {limit} ms",
-                            {**_where(model, ev), "operation": "ack", "actual_ms": round(actual, 1), "limit_ms": limit})
+                            {**_where(model, ev), "operation": "ack", "actual_ms": round(actual, 1), "limit_ms": limit,
+                             "step": req.step})
 
 
 def percentile_violations(samples: dict[str, list[float]], limits: dict[str, Any]) -> list[Violation]:

@@ -281,8 +281,8 @@ class TenantMachine(RuleBasedStateMachine):
         c0 = self._connect(t0, uid, via)
         c1 = self._connect(t0, other, via)
         c2 = self._connect(t1, uid, via)
-        th0 = self._start(c0, "helper")
-        self._start(c2, "helper")
+        # Both tenants start an agent at the same instant: start-ups must not wait for each other.
+        th0, _ = self._start_together([(c0, "helper"), (c2, "helper")])
         if self._open(c1, th0):
             self._join(c1, th0)
         self.outcome = f"tenants {t0.tid!r} and {t1.tid!r}; c0, c1 in {t0.name}, c2 in {t1.name}; th0 (c0, c1), th1 (c2)"
@@ -353,24 +353,43 @@ class TenantMachine(RuleBasedStateMachine):
         self._start(conn, assistant)
 
     def _start(self, conn: ConnRef, assistant: str) -> ThreadRef:
-        name = self._name("th")
-        reply = None
-        if self._open(conn):
-            pending = self._fire(conn, "start_agent", {"assistant": assistant})
-            reply = self._call(self.driver.wait, pending) if pending else None
-        if reply is None or reply.type != "agent_started" or not isinstance(reply.data.get("thread_id"), str):
-            # A thread that never started still enters the bundle (see connect); steps skip it.
-            self.outcome = f"no agent: {reply.raw[:120] if reply else 'no reply (connection closed?)'}"
-            ref = self._keep(ThreadRef(name, conn.user.tenant, None))
+        return self._start_together([(conn, assistant)])[0]
+
+    def _start_together(self, starts: list[tuple[ConnRef, str]]) -> list[ThreadRef]:
+        """Start agents at the same instant and wait for all of them (threads named in order)."""
+        names = [self._name("th") for _ in starts]
+        todo = [(conn, self.session.next_req_id(), {"assistant": assistant}) for conn, assistant in starts
+                if self._open(conn)]
+
+        async def fire_and_wait() -> dict[str, Any]:
+            t = time.monotonic()
+            pendings = {}
+            for conn, rid, fields in todo:
+                pendings[rid] = await self.driver.send(conn.name, "start_agent", rid, fields, t)
+            replies = {}
+            for rid, pending in pendings.items():
+                replies[rid] = await self.driver.wait(pending) if pending is not None else None
+            return replies
+
+        replies = self._call(fire_and_wait) if todo else {}
+        by_conn = {conn.name: replies.get(rid) for conn, rid, _ in todo}
+        refs, said = [], []
+        for name, (conn, assistant) in zip(names, starts, strict=True):
+            reply = by_conn.get(conn.name)
+            if reply is None or reply.type != "agent_started" or not isinstance(reply.data.get("thread_id"), str):
+                # A thread that never started still gets a ref (see connect); steps skip it.
+                said.append(f"no agent for {conn.name}: {reply.raw[:120] if reply else 'no reply (connection closed?)'}")
+                ref = self._keep(ThreadRef(name, conn.user.tenant, None))
+            else:
+                self.slowest_start = max(self.slowest_start, float(reply.data.get("startup_ms", 0.0)))
+                ref = self._keep(ThreadRef(name, conn.user.tenant, reply.data["thread_id"]))
+                self.joined.setdefault(conn.name, []).append(ref)
+                self.tenant_threads.setdefault(ref.tenant.tid, []).append(ref)
+                said.append(f"{ref.name} started by {conn.name} ({assistant!r})")
             self.thread_list.append(ref)
-            return ref
-        self.slowest_start = max(self.slowest_start, float(reply.data.get("startup_ms", 0.0)))
-        ref = self._keep(ThreadRef(name, conn.user.tenant, reply.data["thread_id"]))
-        self.joined.setdefault(conn.name, []).append(ref)
-        self.tenant_threads.setdefault(ref.tenant.tid, []).append(ref)
-        self.thread_list.append(ref)
-        self.outcome = f"{ref.name} started by {conn.name} ({assistant!r})"
-        return ref
+            refs.append(ref)
+        self.outcome = "; ".join(said)
+        return refs
 
     def _bad_name(self, conn: ConnRef, assistant: str) -> None:
         if self._open(conn):
@@ -623,13 +642,17 @@ class TenantMachine(RuleBasedStateMachine):
                 raise found.violation
 
     def raise_found(self) -> None:
-        """Raise the first violation found in this example, in the registry's order of invariants."""
+        """Raise the first violation found in this example (the first thing that went wrong),
+        naming the other invariants it also broke."""
         self.driver.raise_errors()
-        for name in INVARIANTS.names:
-            for found in self.checker.found:
-                if found.violation.invariant == name:
-                    self.raised = found.violation
-                    raise found.violation
+        if self.checker.found:
+            first = self.checker.found[0].violation
+            others = {f.violation.invariant: f.violation.title for f in self.checker.found[1:]
+                      if f.violation.invariant != first.invariant}
+            if others:
+                first.evidence.setdefault("also_broken", others)
+            self.raised = first
+            raise first
 
     # -- the end of an example ----------------------------------------------------------
 

@@ -49,6 +49,8 @@ class Req:
     seq: int
     accepts: frozenset[str]
     """Outcomes the protocol allows: ``ok`` and/or error codes."""
+    step: int | None = None
+    """The state-machine step that sent it: the cause of whatever goes wrong with it."""
     acked: str | None = None
     ack_t: float | None = None
     chunks: dict[int, str] = attrs.field(factory=dict)
@@ -218,12 +220,12 @@ class Model:
                 conn.unsolicited_errors += 1
             if ev.req_id is not None:
                 self.reqs[ev.req_id] = Req(ev.req_id, ev.conn, "raw:" + str(ev.data.get("note")), {}, ev.t, ev.seq,
-                                           frozenset({str(ev.data.get("expect"))}))
+                                           frozenset({str(ev.data.get("expect"))}), ev.step)
             return
         if ev.req_id is None:
             return
         fields = dict(ev.data)
-        req = Req(ev.req_id, ev.conn, ev.op, fields, ev.t, ev.seq, self.accepts_for(ev.conn, ev.op, fields))
+        req = Req(ev.req_id, ev.conn, ev.op, fields, ev.t, ev.seq, self.accepts_for(ev.conn, ev.op, fields), ev.step)
         tenant = self.tenant_of(ev.conn)
         for marker in markers_in(str(fields.get("content", ""))):
             self.registry.claim(marker, tenant, "marker", f"{ev.conn} request {ev.req_id}")
