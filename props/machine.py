@@ -684,8 +684,8 @@ class TenantMachine(RuleBasedStateMachine):
             if reply is None or reply.type != "history":
                 return
             msgs = [m for m in reply.data.get("messages", []) if isinstance(m, dict)]
-            if not msgs or msgs[-1].get("role") != "user":
-                return
+            if not msgs or msgs[-1].get("role") != "user" or self.checker.found:
+                return  # answered, or something already broke: no point waiting for the reply
             if time.monotonic() > deadline:
                 self._call(self.driver.note, "audit_unanswered", conn, {
                     "thread_id": ref.thread_id, "message_id": msgs[-1].get("message_id"),

@@ -114,6 +114,15 @@ def shrink(session: Session, machine: type[TenantMachine], program: list[dict[st
             best, best_v = best[:seen_at], caught
     # The opening `world` step makes what every later step refers to: it stays.
     first = 1 if best and best[0]["rule"] == "world" else 0
+    # Then drop whole kinds of step at once (every ping, every bad frame, every crash...):
+    # one run each, and most kinds have nothing to do with the failure.
+    for kind in sorted({step["rule"] for step in best[first:]}, key=lambda k: -sum(st["rule"] == k for st in best)):
+        if time.monotonic() >= deadline:
+            break
+        candidate = [dict(step) for i, step in enumerate(best) if i < first or step["rule"] != kind]
+        caught = fails(candidate) if len(candidate) < len(best) else None
+        if caught is not None:
+            best, best_v = candidate, caught
     chunk = max(1, (len(best) - first) // 2)
     while chunk >= 1 and time.monotonic() < deadline:
         i, removed = first, False

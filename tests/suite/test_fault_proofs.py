@@ -37,7 +37,7 @@ FAULTS = {
     "queued_turn_double_reply": ("exactly-once", STREAMING, ()),
     "history_by_id": ("ordering", FAST, ()),
     # A lost message is only known to be lost when its limit passes: a short one keeps the proof short.
-    "lost_wakeup": ("liveness", STREAMING, ("--set", "reply_timeout_s=2")),
+    "lost_wakeup": ("liveness", STREAMING, ("--set", "reply_timeout_s=1")),
     # Start-ups of 0.4-0.5 s: two at the same instant take over 0.7 s only if they run one at a time.
     "serial_startup": ("timing", "--startup-ms 400:500 --chunk-delay-ms 1:3", ("--set", "timing.start_agent_ms=700")),
     "content_limit_code": ("protocol", FAST, ()),
