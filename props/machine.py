@@ -70,7 +70,7 @@ MAX_CRASHES = 1
 #: How often a rule may run in one example. Without a budget, Hypothesis spends
 #: whole examples on cheap rules that need no bundle (a refused token, a bad
 #: frame) and rarely reaches the messages and reads where tenants interact.
-BUDGET = {"bad_input": 3, "glance": 3, "add_tenant": 2, "leave_joined": 4, "disconnect": 3}
+BUDGET = {"bad_input": 3, "add_tenant": 2, "leave_joined": 4, "disconnect": 2, "settle": 3}
 
 
 def within_budget(name: str) -> Callable[[Any], bool]:
@@ -492,16 +492,6 @@ class TenantMachine(RuleBasedStateMachine):
         self._fire(conn, "get_history", {"thread_id": thread.thread_id, **fields})
         self.outcome = f"{conn.name} reads {thread.name} (limit {limit!r})"
 
-    def _list_threads(self, conn: ConnRef) -> None:
-        if self._open(conn):
-            self._fire(conn, "list_threads", {})
-        self.outcome = f"{conn.name} lists threads"
-
-    def _ping(self, conn: ConnRef) -> None:
-        if self._open(conn):
-            self._fire(conn, "ping", {})
-        self.outcome = f"{conn.name} pings"
-
     def _bad_frame(self, conn: ConnRef, kind: str) -> None:
         if not self._open(conn):
             return
@@ -546,20 +536,11 @@ class TenantMachine(RuleBasedStateMachine):
         else:
             self._bad_name(conn, value)
 
-    @precondition(within_budget("glance"))
-    @rule(conn=conns, which=st.sampled_from(["list_threads", "ping"]))
-    @recorded
-    def glance(self, conn: ConnRef, which: str) -> None:
-        """A thread list or a ping: cheap requests that must still be answered, and only to their sender."""
-        if which == "list_threads":
-            self._list_threads(conn)
-        else:
-            self._ping(conn)
-
     @rule(
         conns_=st.lists(conns, min_size=1, max_size=4),
         threads_=st.lists(st.integers(0, 15), min_size=1, max_size=4),
-        kinds=st.lists(st.sampled_from(["start_agent", "user_message", "get_history", "join_thread", "ping"]),
+        kinds=st.lists(st.sampled_from(["start_agent", "user_message", "get_history", "join_thread", "ping",
+                                         "list_threads"]),
                        min_size=2, max_size=6),
         plan=contents(),
     )
@@ -570,16 +551,16 @@ class TenantMachine(RuleBasedStateMachine):
         for i, kind in enumerate(kinds):
             conn = conns_[i % len(conns_)]
             thread = self._thread(threads_[i % len(threads_)])
-            if kind not in ("start_agent", "ping") and (thread is None or thread.thread_id is None or conn.user.tenant.tid != thread.tenant.tid):
+            if kind not in ("start_agent", "ping", "list_threads") and (thread is None or thread.thread_id is None or conn.user.tenant.tid != thread.tenant.tid):
                 continue
             if not self._open(conn):
                 continue
-            assert thread is not None or kind in ("start_agent", "ping")
+            assert thread is not None or kind in ("start_agent", "ping", "list_threads")
             if kind == "start_agent":
                 fields: dict[str, Any] = {"assistant": "helper"}
             elif kind == "user_message":
                 fields = {"thread_id": thread.thread_id, "content": self._marker_content(plan)}
-            elif kind == "ping":
+            elif kind in ("ping", "list_threads"):
                 fields = {}
             else:
                 fields = {"thread_id": thread.thread_id}
@@ -595,7 +576,7 @@ class TenantMachine(RuleBasedStateMachine):
         event(f"burst of {len(ops)}")
         self.outcome = f"burst: {', '.join(f'{c}:{k}' for c, k, _, _ in ops) or 'nothing open'}"
 
-    @precondition(lambda self: self.step_no - self.settled_at >= 3)
+    @precondition(lambda self: self.step_no - self.settled_at >= 3 and within_budget("settle")(self))
     @rule()
     @recorded
     def settle(self) -> None:
