@@ -39,7 +39,7 @@ def main() -> int:
             proc = subprocess.run(
                 [sys.executable, "-m", "partywall.cli", "run", "--profile", "ci", "--server-cmd", cmd,
                  "--auth-secret", "bench-faults-" + "x" * 32, "--report", str(report), "--replay-dir", tmp,
-                 "--set", "shrink_seconds=15", *opts],
+                 "--set", "shrink_seconds=25", *opts],
                 capture_output=True, text=True, timeout=args.limit_s, cwd=tmp,
             )
             took = time.monotonic() - started

@@ -640,6 +640,8 @@ class TenantMachine(RuleBasedStateMachine):
     def audit(self) -> None:
         """Settle, then read every thread's history once more from a fresh connection of its tenant."""
         self._call(self.driver.settle)
+        if self.checker.found:
+            return  # settling showed something broken (a reply that never came): that is the finding
         by_tenant: dict[str, list[ThreadRef]] = {}
         for ref in self.refs.values():
             if isinstance(ref, ThreadRef) and ref.thread_id is not None:

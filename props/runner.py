@@ -88,7 +88,8 @@ def shrink(session: Session, machine: type[TenantMachine], program: list[dict[st
     best, best_v = list(program), found
     session.stats["found_steps"] = len(program)
 
-    def fails(candidate: list[dict[str, Any]]) -> Violation | None:
+    def fails(candidate: list[dict[str, Any]]) -> tuple[Violation, list[dict[str, Any]]] | None:
+        """(the violation, the steps that ran) when the candidate breaks the same invariant."""
         # Up to three tries: against a live server a failing program may pass by chance
         # (a race lost, random ids that happened to sort right); one lucky pass must not
         # undo a step. A candidate that fails at the first try costs one run.
@@ -101,17 +102,19 @@ def shrink(session: Session, machine: type[TenantMachine], program: list[dict[st
                 break
         else:
             return None
-        for step, outcome in zip(candidate, outcomes, strict=False):
+        ran = candidate[: len(outcomes)]  # a replay stops at the step that broke it
+        for step, outcome in zip(ran, outcomes, strict=True):
             step["then"] = outcome  # what each step did in the run that is kept
-        return caught
+        assert caught is not None
+        return caught, ran
 
     # First cut everything after the step during which the violation was seen: later
     # steps cannot have caused it. Cheap, and usually most of the shrinking.
     seen_at = found.evidence.get("step")
     if isinstance(seen_at, int) and 0 < seen_at < len(best):
-        caught = fails([dict(step) for step in best[:seen_at]])
-        if caught is not None:
-            best, best_v = best[:seen_at], caught
+        result = fails([dict(step) for step in best[:seen_at]])
+        if result is not None:
+            best_v, best = result
     # The opening `world` step makes what every later step refers to: it stays.
     first = 1 if best and best[0]["rule"] == "world" else 0
     # Then drop whole kinds of step at once (every ping, every bad frame, every crash...):
@@ -120,31 +123,33 @@ def shrink(session: Session, machine: type[TenantMachine], program: list[dict[st
         if time.monotonic() >= deadline:
             break
         candidate = [dict(step) for i, step in enumerate(best) if i < first or step["rule"] != kind]
-        caught = fails(candidate) if len(candidate) < len(best) else None
-        if caught is not None:
-            best, best_v = candidate, caught
+        result = fails(candidate) if len(candidate) < len(best) else None
+        if result is not None:
+            best_v, best = result
     chunk = max(1, (len(best) - first) // 2)
     while chunk >= 1 and time.monotonic() < deadline:
         i, removed = first, False
         while i < len(best) and time.monotonic() < deadline:
             candidate = [dict(step) for step in best[:i] + best[i + chunk:]]
-            caught = fails(candidate) if candidate else None
-            if caught is not None:
-                best, best_v, removed = candidate, caught, True
+            result = fails(candidate) if candidate else None
+            if result is not None:
+                (best_v, best), removed = result, True
             else:
                 i += chunk
         if not removed:
             chunk //= 2
     for idx in range(len(best)):
+        if idx >= len(best):
+            break
         for name, value in list(best[idx]["args"].items()):
             for simpler in SIMPLER.get(name, []):
                 if time.monotonic() >= deadline or value == simpler:
                     break
                 candidate = [dict(s, args=dict(s["args"])) for s in best]
                 candidate[idx]["args"][name] = simpler
-                caught = fails(candidate)
-                if caught is not None:
-                    best, best_v = candidate, caught
+                result = fails(candidate)
+                if result is not None and len(result[1]) > idx:
+                    best_v, best = result
     session.stats["shrink_s"] = round(time.monotonic() - started, 1)
     session.stats["shrunk_steps"] = len(best)
     return best, best_v
@@ -212,6 +217,8 @@ def replay(session: Session, machine_cls: type[TenantMachine], program: list[dic
             if show is not None:
                 show(i, step, m.outcome)
             m.server_alive()
+            if show is None and m.checker.found:
+                break  # shrinking: the violation is in; the remaining steps cannot undo it
     except Violation as v:
         caught = v
     finally:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-PROOF_LIMIT_S = 60  # generation, shrinking (20 s budget) and three re-runs against a live server
+PROOF_LIMIT_S = 60  # generation, shrinking (25 s budget) and three re-runs against a live server
 
 #: Low but non-zero latency: each generated example costs less, so generation and
 #: shrinking fit the bound, while replies still stream while later steps run.
@@ -52,7 +52,7 @@ def run_against_fault(tmp_path: Path, fault: str, server_opts: str, opts: tuple[
     proc = subprocess.run(
         [sys.executable, "-m", "partywall.cli", "run", "--profile", "ci", "--server-cmd", cmd,
          "--auth-secret", "proof-secret-" + "x" * 32, "--report", str(report), "--replay-dir", str(tmp_path),
-         "--set", "shrink_seconds=15", *opts],
+         "--set", "shrink_seconds=25", *opts],
         capture_output=True, text=True, timeout=PROOF_LIMIT_S + 60, cwd=tmp_path,
     )
     return proc.returncode, json.loads(report.read_text()), proc.stdout + proc.stderr, time.monotonic() - started
