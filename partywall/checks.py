@@ -103,7 +103,6 @@ class Checker:
         self.invariants = list(invariants)
         self.history = history
         self.found: list[Found] = []
-        self._raised = 0
 
     def __call__(self, event: Event, frame: Frame | None) -> None:
         for inv in self.invariants:
@@ -118,15 +117,3 @@ class Checker:
             violation.evidence.setdefault("history_around", self.history.around(event.seq, event.conn))
         violation.evidence.setdefault("step", event.step if event is not None else self.history.step)
         self.found.append(Found(violation, seq, event.step if event is not None else self.history.step))
-
-    def take_new(self) -> list[Violation]:
-        """Violations found since the last call (for raising at the current step)."""
-        new = self.found[self._raised :]
-        self._raised = len(self.found)
-        return [f.violation for f in new]
-
-    def by_invariant(self) -> dict[str, list[Violation]]:
-        out: dict[str, list[Violation]] = {}
-        for f in self.found:
-            out.setdefault(f.violation.invariant, []).append(f.violation)
-        return out

@@ -17,7 +17,6 @@ replaced by partywall's (fixed seed, no example database, deadline off), and
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -212,6 +211,3 @@ def run_state() -> dict[str, Any]:
     """The plugin's state, for the CLI that ran pytest in-process."""
     return _STATE
 
-
-def temp_dir() -> str:
-    return tempfile.mkdtemp(prefix="partywall-")

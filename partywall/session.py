@@ -105,9 +105,6 @@ class Session:
     def report(self, violation: Violation, reproduced: str | None = None, replay: str | None = None) -> None:
         self.violations.append(ReportedViolation(violation, reproduced, replay))
 
-    def replay_cmd(self, path: str) -> str:
-        return f"partywall replay {path}"
-
     def to_json(self) -> dict[str, Any]:
         return {
             "ok": self.error is None and not self.violations,

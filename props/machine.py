@@ -193,7 +193,6 @@ class TenantMachine(RuleBasedStateMachine):
         self.refs: dict[str, Any] = {}
         self.counts = {"t": 0, "c": 0, "th": 0}
         self.raised: Violation | None = None
-        self.seen_first = 0
         self.allow_crash = s.can_crash
         self.crashes = 0
         self.calls: dict[str, int] = {}
