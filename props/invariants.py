@@ -17,7 +17,7 @@ from partywall.checks import InvariantRegistry
 from partywall.errors import Violation
 from partywall.history import Event
 from partywall.markers import markers_in
-from props.model import Model
+from props.model import Model, Req
 
 INVARIANTS = InvariantRegistry()
 register = INVARIANTS.register
@@ -45,6 +45,14 @@ def _where(model: Model, ev: Event) -> dict[str, Any]:
 
 def _frame_in(model: Model, ev: Event, frame: Frame | None) -> bool:
     return ev.kind == "frame" and frame is not None and ev.conn in model.conns
+
+
+def _own_reply(model: Model, ev: Event, frame: Frame | None, ftype: str) -> Req | None:
+    """The request this frame of type ``ftype`` answers, when it reached the connection that asked."""
+    if not _frame_in(model, ev, frame) or frame is None or frame.type != ftype:
+        return None
+    req = model.reqs.get(frame.re or "")
+    return req if req is not None and req.conn == ev.conn else None
 
 
 # -- isolation -----------------------------------------------------------------
@@ -154,10 +162,8 @@ def fanout_to_members(model: Model, ev: Event, frame: Frame | None) -> Iterator[
 @register("durability")
 def history_keeps_commits(model: Model, ev: Event, frame: Frame | None) -> Iterator[Violation]:
     """Every message acked and reply sent before a history read is in it, unchanged."""
-    if not _frame_in(model, ev, frame) or frame is None or frame.type != "history":
-        return
-    req = model.reqs.get(frame.re or "")
-    if req is None or req.conn != ev.conn or req.expect_history is None:
+    req = _own_reply(model, ev, frame, "history")
+    if req is None or req.expect_history is None or frame is None:
         return
     got = frame.data.get("messages")
     if not isinstance(got, list):
@@ -190,10 +196,8 @@ def history_keeps_commits(model: Model, ev: Event, frame: Frame | None) -> Itera
 @register("durability")
 def threads_kept(model: Model, ev: Event, frame: Frame | None) -> Iterator[Violation]:
     """Every thread the tenant started is in its thread list."""
-    if not _frame_in(model, ev, frame) or frame is None or frame.type != "threads":
-        return
-    req = model.reqs.get(frame.re or "")
-    if req is None or req.conn != ev.conn or req.expect_threads is None:
+    req = _own_reply(model, ev, frame, "threads")
+    if req is None or req.expect_threads is None or frame is None:
         return
     listed = {t.get("thread_id") for t in frame.data.get("threads", []) if isinstance(t, dict)}
     for thread in sorted(req.expect_threads - listed):
@@ -260,11 +264,9 @@ def _check_assembly(model: Model, ev: Event, frame: Frame, chunks: dict[int, str
 @register("ordering")
 def history_in_commit_order(model: Model, ev: Event, frame: Frame | None) -> Iterator[Violation]:
     """History alternates user message and its reply, in the order the suite saw them commit."""
-    if not _frame_in(model, ev, frame) or frame is None or frame.type != "history":
-        return
-    req = model.reqs.get(frame.re or "")
-    got = frame.data.get("messages")
-    if req is None or req.conn != ev.conn or not isinstance(got, list):
+    req = _own_reply(model, ev, frame, "history")
+    got = frame.data.get("messages") if frame is not None else None
+    if req is None or not isinstance(got, list):
         return
     items = [m for m in got if isinstance(m, dict)]
     windowed = "limit" in req.fields
