@@ -41,6 +41,8 @@ def _add_target(p: argparse.ArgumentParser) -> None:
     g.add_argument("--server-url", metavar="URL", help="a running server at ws://HOST:PORT/ws (crash checks cannot run)")
     g.add_argument("--server-cmd", metavar="CMD", help="start the server with `sh -c CMD`; it must print `listening on ws://HOST:PORT/ws`")
     g.add_argument("--auth-secret", metavar="S", help=f"the server's HS256 secret (or ${SECRET_ENV})")
+    p.add_argument("--adapter", metavar="MODULE:CLASS", dest="adapter",
+                   help="a partywall.adapter.Adapter subclass, for a server with another wire format")
     p.add_argument("--seed", type=int, help="the run's seed")
     p.add_argument("--report", metavar="PATH", help="write the JSON report here")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
@@ -91,6 +93,8 @@ def _pytest_target_args(ns: argparse.Namespace) -> list[str]:
             args += [f"--{opt.replace('_', '-')}", value]
     if getattr(ns, "seed", None) is not None:
         args += ["--partywall-seed", str(ns.seed)]
+    if getattr(ns, "adapter", None):
+        args += ["--partywall-adapter", ns.adapter]
     for item in getattr(ns, "overrides", []):
         args += ["--partywall-set", item]
     return args

@@ -16,6 +16,7 @@ replaced by partywall's (fixed seed, no example database, deadline off), and
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +27,7 @@ from hypothesis import HealthCheck, Phase, Verbosity, settings
 from hypothesis.database import DirectoryBasedExampleDatabase
 
 from partywall import config as configmod
+from partywall.adapter import Adapter
 from partywall.errors import HarnessError
 from partywall.session import Session
 from partywall.target import make_target
@@ -70,6 +72,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--partywall-set", action="append", default=[], metavar="KEY=VALUE", help="override a [tool.partywall] value")
     group.addoption("--partywall-replay", default=None, help="replay this failure file step by step")
     group.addoption("--partywall-replay-dir", default=None, help="where failure replay files go (default .partywall/replays)")
+    group.addoption("--partywall-adapter", default=None, metavar="MODULE:CLASS",
+                    help="a partywall.adapter.Adapter subclass for a server with another wire format")
     group.addoption("--partywall-list-invariants", action="store_true", help="print the invariants and run nothing")
     group.addoption("--partywall-users", type=int, default=None, help="bench: number of users")
     group.addoption("--partywall-shard", default=None, metavar="K/N", help="bench: run shard K of N of the plan's users")
@@ -155,7 +159,13 @@ def partywall_session(request: pytest.FixtureRequest, partywall_config: dict[str
     except HarnessError as exc:
         _fail_run(request.config, str(exc))
         raise
-    session = Session(config=partywall_config, target=target, seed=seed, profile=profile, replay_dir=replay_dir)
+    try:
+        adapter = load_adapter(opt("partywall_adapter"))
+    except HarnessError as exc:
+        _fail_run(request.config, str(exc))
+        pytest.exit(f"partywall: {exc}", returncode=2)
+    session = Session(config=partywall_config, target=target, seed=seed, profile=profile, replay_dir=replay_dir,
+                      adapter=adapter)
     _STATE["session"] = session
     if not target.can_crash:
         session.not_run_check("crash_and_restart", f"the {target.kind} target was not started by the suite, so it cannot be crashed")
@@ -169,6 +179,20 @@ def partywall_session(request: pytest.FixtureRequest, partywall_config: dict[str
         yield session
     finally:
         session.close()
+
+
+def load_adapter(spec: str | None) -> Adapter:
+    """The adapter named ``MODULE:CLASS`` (protocol v1's when None)."""
+    if not spec:
+        return Adapter()
+    module_name, _, class_name = spec.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise HarnessError(f"--partywall-adapter {spec!r}: cannot load it ({exc}); expected MODULE:CLASS.") from exc
+    if not (isinstance(cls, type) and issubclass(cls, Adapter)):
+        raise HarnessError(f"--partywall-adapter {spec!r} is not a subclass of partywall.adapter.Adapter.")
+    return cls()
 
 
 def _fail_run(config: pytest.Config, message: str) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 import attrs
 
 from partywall import __version__
+from partywall.adapter import Adapter
 from partywall.driver import Driver, Observer
 from partywall.errors import Violation
 from partywall.history import History
@@ -50,6 +51,8 @@ class Session:
     history: History = attrs.field(factory=History)
     registry: Registry = attrs.field(factory=Registry)
     driver: Driver | None = None
+    adapter: Adapter = attrs.field(factory=Adapter)
+    """How frames go on the wire (protocol v1 unless --partywall-adapter names another)."""
     mint: MarkerMint = attrs.field(init=False)
     started: float = attrs.field(factory=time.time)
     violations: list[ReportedViolation] = attrs.field(factory=list)
@@ -80,6 +83,7 @@ class Session:
             self.target.url,
             history=self.history,
             observer=observer,
+            adapter=self.adapter,
             reply_timeout_s=float(self.config["reply_timeout_s"]),
             connect_timeout_s=float(self.config["connect_timeout_s"]),
         ).start()

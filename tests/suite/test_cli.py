@@ -115,3 +115,28 @@ def test_cli_server_that_dies_by_itself_is_a_liveness_violation(tmp_path: Path) 
     data = json.loads(report.read_text())
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert any(v["invariant"] == "liveness" for v in data["violations"]), data["violations"]
+
+
+def test_cli_adapter_seam_carries_every_frame(tmp_path: Path) -> None:
+    """--adapter swaps the wire format without touching the state machines: here an
+    adapter that speaks protocol v1 but counts what it encodes and decodes."""
+    (tmp_path / "counting_adapter.py").write_text(
+        "from partywall.adapter import Adapter\n"
+        "class Counting(Adapter):\n"
+        "    name = 'counting'\n"
+        "    def encode(self, req_type, req_id, fields):\n"
+        "        open('encoded.log', 'a').write(req_type + '\\n')\n"
+        "        return super().encode(req_type, req_id, fields)\n"
+    )
+    import os
+
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "partywall.cli", "run", "--adapter", "counting_adapter:Counting",
+                           "--set", "profiles.dev.max_examples=3"], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    sent = (tmp_path / "encoded.log").read_text().split()
+    assert "start_agent" in sent and len(sent) > 5
+    bad = subprocess.run([sys.executable, "-m", "partywall.cli", "run", "--adapter", "json:loads"],
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert bad.returncode == 2 and "not a subclass" in bad.stderr
