@@ -70,7 +70,7 @@ MAX_CRASHES = 1
 #: How often a rule may run in one example. Without a budget, Hypothesis spends
 #: whole examples on cheap rules that need no bundle (a refused token, a bad
 #: frame) and rarely reaches the messages and reads where tenants interact.
-BUDGET = {"bad_input": 3, "add_tenant": 2, "leave_joined": 4, "disconnect": 2, "settle": 3}
+BUDGET = {"bad_input": 3, "add_tenant": 2, "leave_joined": 4, "disconnect": 2, "settle": 3, "join_sibling": 5}
 
 
 def within_budget(name: str) -> Callable[[Any], bool]:
@@ -417,6 +417,7 @@ class TenantMachine(RuleBasedStateMachine):
             self.joined[conn.name].remove(thread)
         self.outcome = f"{conn.name} leave {thread.name}: {reply.type if reply else 'no reply'}"
 
+    @precondition(within_budget("join_sibling"))
     @rule(conn=conns, i=st.integers(0, 7))
     @recorded
     def join_sibling(self, conn: ConnRef, i: int) -> None:
