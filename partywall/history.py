@@ -91,9 +91,6 @@ class History:
     def __iter__(self) -> Iterator[Event]:
         return iter(list(self._events))
 
-    def since(self, seq: int) -> list[Event]:
-        return self._events[seq:]
-
     def around(self, seq: int, conn: str | None = None, before: int = 8, after: int = 2) -> list[dict[str, Any]]:
         """The events near ``seq`` (of one connection, when given), briefly, for evidence."""
         events = [e for e in self._events if conn is None or e.conn == conn]
