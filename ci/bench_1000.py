@@ -4,7 +4,7 @@
     python ci/bench_1000.py [--users 1000] [--workers 4] [--out DIR] [--time-limit 600]
 
 Not part of `.ci/run` (it takes the machine for a while). It starts one
-reference server (`python -m agentserver` on 127.0.0.1 port 0 with a fresh
+reference server (`python -m partywall_agentserver` on 127.0.0.1 port 0 with a fresh
 database and a random secret, through `partywall.target.EmbeddedTarget`),
 then runs the bench profile under pytest-xdist with ``-n WORKERS``: every
 worker is a process of its own and runs its shard of the same seeded plan
@@ -30,11 +30,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from partywall_props import bench
+
 from partywall.errors import HarnessError
 from partywall.reports import write_html, write_junit
 from partywall.stats import merge_bench_reports
 from partywall.target import EmbeddedTarget
-from props import bench
 
 
 def main() -> int:
@@ -49,15 +50,15 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("REPORT.gw*.json"):
         old.unlink()  # a shard left from an earlier run must not be merged into this one
-    props_dir = str(Path(bench.__file__).resolve().parent)
 
     with tempfile.TemporaryDirectory(prefix="partywall-1000-") as tmp, EmbeddedTarget(tmp) as server:
         pid = server.server_pid()
         assert server.url is not None
         print(f"server: {server.url} pid {pid}", flush=True)
-        cmd = [sys.executable, "-m", "pytest", props_dir, "-p", "no:cacheprovider", "-q", "--no-header",
-               "-n", str(ns.workers), "--hypothesis-profile=bench",
-               "--server-url", server.url, "--auth-secret", server.secret, "--server-pid", str(pid),
+        cmd = [sys.executable, "-m", "pytest", "--pyargs", "partywall_props", "-p", "no:cacheprovider", "-q",
+               "--no-header", "-n", str(ns.workers), "--hypothesis-profile=bench",
+               "--partywall-server-url", server.url, "--partywall-auth-secret", server.secret,
+               "--partywall-server-pid", str(pid),
                "--partywall-users", str(ns.users), "--partywall-report", str(out / "REPORT.json")]
         if ns.seed is not None:
             cmd += ["--partywall-seed", str(ns.seed)]

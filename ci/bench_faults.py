@@ -1,6 +1,6 @@
 """How long the `ci` profile takes to find and shrink each planted fault.
 
-Runs `partywall run --profile ci` once per fault of `agentserver/faults.py`
+Runs `partywall run --profile ci` once per fault of `partywall_agentserver/faults.py`
 (with the server options the fault proofs use) and prints, per fault: the
 invariant named, the whole run's wall time, the time spent shrinking, the
 program length found and shrunk, and how often the shrunk program
@@ -34,7 +34,7 @@ def main() -> int:
         invariant, server_opts, opts = FAULTS[fault]
         with tempfile.TemporaryDirectory() as tmp:
             report = Path(tmp) / "r.json"
-            cmd = f"{sys.executable} -m agentserver --port 0 --db {tmp}/db --fault {fault} {server_opts}"
+            cmd = f"{sys.executable} -m partywall_agentserver --port 0 --db {tmp}/db --fault {fault} {server_opts}"
             started = time.monotonic()
             proc = subprocess.run(
                 [sys.executable, "-m", "partywall.cli", "run", "--profile", "ci", "--server-cmd", cmd,

@@ -4,11 +4,11 @@ work done by a minimal client, measured in one run beside the real thing.
 
     python ci/bench_minimal.py [--users 100] [--seed 100] [--rounds 3] [--json PATH]
 
-For each round it starts two fresh reference servers (`python -m agentserver`,
+For each round it starts two fresh reference servers (`python -m partywall_agentserver`,
 port 0, new database, identical options) and against one runs this file's
 minimal client, against the other `partywall bench --server-url ...`, each as
 a process of its own, alternating which goes first. Both run the very same
-seeded plan (`props.bench.Plan`): every user connects at one instant, starts
+seeded plan (`partywall_props.bench.Plan`): every user connects at one instant, starts
 an agent, sends its messages (waiting for each whole reply), reads its
 history, disconnects, reconnects and reads it again. The minimal client is
 plain trio-websocket with no driver, no history, no invariants, no markers
@@ -40,19 +40,19 @@ from typing import Any
 from urllib.parse import quote
 
 import trio
+from partywall_props.bench import METRICS, Plan, PlannedUser
 from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
 from partywall import config as configmod
 from partywall import tokens
 from partywall.stats import summarize
 from partywall.target import EmbeddedTarget
-from props.bench import METRICS, Plan, PlannedUser
 
 MAX_FRAME = 16 * 1024 * 1024 + 4096
 
 
 class Minimal:
-    """The workload of `props.bench`, written the shortest way with trio-websocket."""
+    """The workload of `partywall_props.bench`, written the shortest way with trio-websocket."""
 
     def __init__(self, url: str, secret: str, plan: Plan, timeout_s: float) -> None:
         self.url = url
@@ -139,7 +139,7 @@ class Minimal:
 
 
 def cmd_client(ns: argparse.Namespace) -> int:
-    cfg = configmod.load()
+    cfg = configmod.resolve().table
     plan = Plan.from_config(cfg["bench"], seed=ns.seed, users=ns.users)
     client = Minimal(ns.url, ns.secret, plan, float(cfg["bench"]["request_timeout_s"]))
     wall = trio.run(client.run)

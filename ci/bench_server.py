@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Load benchmark of the reference agent server (run by hand or nightly, not in .ci/run).
 
-Starts `python -m agentserver` with zero delays on a fresh database and
+Starts `python -m partywall_agentserver` with zero delays on a fresh database and
 drives it with a load client, then prints one summary (and, with --json, a
 JSON object). Bounded: every run stops by itself after --time-limit seconds.
 
@@ -63,7 +63,7 @@ class Results:
 class Server:
     def __init__(self, db: str, secret: str, extra: list[str]) -> None:
         cmd = [
-            sys.executable, "-m", "agentserver", "--port", "0", "--db", db, "--secret", secret,
+            sys.executable, "-m", "partywall_agentserver", "--port", "0", "--db", db, "--secret", secret,
             "--startup-ms", "0:0", "--chunk-delay-ms", "0:0", "--chunks", "4", *extra,
         ]  # fmt: skip
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)

@@ -8,6 +8,7 @@ overriding `handshake`, `encode` and `decode`; nothing above changes.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import unicodedata
@@ -184,3 +185,17 @@ def _item(item: Any, schema: dict[str, str], where: str) -> list[str]:
 
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
+
+
+def load_adapter(spec: str | None) -> Adapter:
+    """The adapter named ``MODULE:CLASS`` (protocol v1's when None)."""
+    if not spec:
+        return Adapter()
+    module_name, _, class_name = spec.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError) as exc:  # a module that fails to import, a missing class
+        raise HarnessError(f"--adapter {spec!r}: cannot load it ({exc}); expected MODULE:CLASS.") from None
+    if not (isinstance(cls, type) and issubclass(cls, Adapter)):
+        raise HarnessError(f"--adapter {spec!r} is not a subclass of partywall.adapter.Adapter.")
+    return cls()

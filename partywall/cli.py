@@ -1,15 +1,4 @@
-"""The ``partywall`` command.
-
-``partywall run``    the stateful isolation suite (through pytest on the installed ``props``)
-``partywall bench``  the fixed-seed 100-user start-up benchmark
-``partywall replay`` re-run a failure file step by step
-``partywall serve``  start the reference server with a fresh secret
-``partywall token``  print a token for manual use with any WebSocket client
-
-Exit codes: 0 every invariant held, 1 a violation was found, 2 the run could
-not be made (bad option, nothing listening at the URL); one clear line, no
-traceback, and the JSON report is written in every case.
-"""
+"""The ``partywall`` command: its arguments, and how each command runs."""
 
 from __future__ import annotations
 
@@ -20,64 +9,79 @@ import os
 import secrets
 import shlex
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from partywall import __version__
 from partywall import config as configmod
+from partywall.adapter import load_adapter
 from partywall.errors import HarnessError
 from partywall.target import SECRET_ENV, make_target
 
+DESCRIPTION = """\
+Property-based tests that a multi-tenant WebSocket agent service keeps its
+tenants apart under concurrency, and a fixed-seed start-up benchmark.
 
-def _props_dir() -> Path:
-    """Where the installed ``props`` package lives, found without importing it."""
-    spec = importlib.util.find_spec("props")
-    if spec is None or not spec.submodule_search_locations:
-        raise HarnessError("the 'props' package is not installed; reinstall partywall (pip install -e .).")
-    return Path(next(iter(spec.submodule_search_locations)))
+With no target option every command runs against a fresh embedded reference
+server. Settings come, each layer over the one before, from partywall's
+defaults, [tool.partywall] of your pyproject.toml, PARTYWALL_<OPTION>
+variables, and the command line (`partywall config` shows the result).
+
+exit status: 0 every invariant held, 1 a violation was found,
+2 the run could not be made (bad option or settings, unreachable server,
+an error of partywall or of an adapter); the JSON report says why.
+"""
+
+PROPERTIES = "partywall_props"
 
 
-def _add_target(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("target (default: a fresh embedded reference server)")
-    g.add_argument("--server-url", metavar="URL", help="a running server at ws://HOST:PORT/ws (crash checks cannot run)")
-    g.add_argument("--server-cmd", metavar="CMD", help="start the server with `sh -c CMD`; it must print `listening on ws://HOST:PORT/ws`")
-    g.add_argument("--auth-secret", metavar="S", help=f"the server's HS256 secret (or ${SECRET_ENV})")
-    p.add_argument("--adapter", metavar="MODULE:CLASS", dest="adapter",
-                   help="a partywall.adapter.Adapter subclass, for a server with another wire format")
-    p.add_argument("--seed", type=int, help="the run's seed")
-    p.add_argument("--report", metavar="PATH", help="write the JSON report here")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                   help="override a [tool.partywall] value, e.g. --set timing.response_ms=8000")
+def _add_options(p: argparse.ArgumentParser, command: str) -> None:
+    for opt in configmod.OPTIONS:
+        if command not in opt.commands:
+            continue
+        kwargs: dict[str, Any] = {"dest": opt.name, "help": f"{opt.help} [{opt.env}]"}
+        if opt.kind == "list":
+            kwargs.update(action="append", default=[], metavar=opt.metavar)
+        elif opt.kind == "flag":
+            kwargs.update(action="store_true")
+        else:
+            kwargs.update(metavar=opt.metavar, type=int if opt.kind == "int" else str)
+        p.add_argument(opt.flag, **kwargs)
+    if command in {"run", "bench", "replay"}:
+        p.add_argument("-v", "--verbose", action="store_true", help="show the rules run and the full text of any failure")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="partywall", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="partywall", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"partywall {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run the stateful isolation suite against a server")
-    _add_target(run)
-    run.add_argument("--profile", default="dev", choices=["dev", "ci", "nightly"], help="Hypothesis profile (default dev)")
-    run.add_argument("--replay-dir", default=".partywall/replays", help="where failure replay files go")
+    run = sub.add_parser("run", help="run the stateful isolation suite against a server",
+                         description="Generate interleavings of tenants connecting, starting agents, talking, "
+                                     "reading and disconnecting, and check every invariant on every frame.")
+    _add_options(run, "run")
     run.add_argument("--list-invariants", action="store_true", help="print the invariants and exit")
-    run.add_argument("pytest_args", nargs="*", help="extra arguments for pytest, after --")
+    run.add_argument("pytest_args", nargs="*", metavar="-- PYTEST_ARG", help="extra arguments for pytest, after --")
 
-    bench = sub.add_parser("bench", help="the fixed-seed 100-user agent start-up benchmark")
-    _add_target(bench)
-    bench.add_argument("--users", type=int, help="number of users (default from [tool.partywall.bench])")
-    bench.add_argument("--server-pid", type=int, help="pid of a --server-url server, for its CPU and memory")
-    bench.add_argument("--junit", metavar="PATH", help="write JUnit XML here")
-    bench.add_argument("--html", metavar="PATH", help="write the HTML report here")
-    bench.add_argument("--shard", metavar="K/N", help="run shard K of N of the plan's users")
+    bench = sub.add_parser("bench", help="the fixed-seed 100-user agent start-up benchmark",
+                           description="Run the seeded plan of users at once and gate on its thresholds.")
+    _add_options(bench, "bench")
 
     rp = sub.add_parser("replay", help="re-run a failure file step by step")
     rp.add_argument("file", help="a replay file written by a failing run")
-    _add_target(rp)
+    _add_options(rp, "replay")
 
-    serve = sub.add_parser("serve", help="start the reference server (a random secret unless one is given)",
-                           description="Every option is passed to `python -m agentserver` (see its --help).")
-    serve.add_argument("server_args", nargs=argparse.REMAINDER, help="options of python -m agentserver")
+    cfg = sub.add_parser("config", help="print the settings in force and where each came from",
+                         description="Every setting, its value and its source; secrets are masked.")
+    _add_options(cfg, "config")
 
-    tok = sub.add_parser("token", help="print a token for manual use")
+    sub.add_parser("serve", help="start the reference server (a random secret unless one is given)",
+                   description="Every option goes to the reference server; `partywall serve --help` lists them.",
+                   add_help=False)
+
+    tok = sub.add_parser("token", help="print a token for manual use with any WebSocket client")
     tok.add_argument("--tenant", required=True)
     tok.add_argument("--user", required=True)
     tok.add_argument("--ttl", type=float, default=3600.0, help="seconds until it expires (default 3600)")
@@ -85,79 +89,96 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _pytest_target_args(ns: argparse.Namespace) -> list[str]:
+def _given(ns: argparse.Namespace) -> dict[str, Any]:
+    """The options given on the command line, by name."""
+    return configmod.from_namespace(vars(ns), [o.name for o in configmod.OPTIONS if hasattr(ns, o.name)])
+
+
+def _pytest_options(given: dict[str, Any]) -> list[str]:
+    """The same options, spelled for the plugin (which resolves them by the same rule)."""
     args: list[str] = []
-    for opt in ("server_url", "server_cmd", "auth_secret"):
-        value = getattr(ns, opt, None)
-        if value is not None:
-            args += [f"--{opt.replace('_', '-')}", value]
-    if getattr(ns, "seed", None) is not None:
-        args += ["--partywall-seed", str(ns.seed)]
-    if getattr(ns, "adapter", None):
-        args += ["--partywall-adapter", ns.adapter]
-    for item in getattr(ns, "overrides", []):
-        args += ["--partywall-set", item]
+    for name, value in given.items():
+        flag = configmod.OPTION[name].pytest_flag
+        for item in value if isinstance(value, list) else [value]:
+            args += [flag, str(item)]
     return args
 
 
+def _properties_home() -> Path:
+    """Where the installed properties are, found by import name without importing them."""
+    spec = importlib.util.find_spec(PROPERTIES)
+    if spec is None or not spec.submodule_search_locations:
+        raise HarnessError(f"the package {PROPERTIES!r} is not installed; reinstall partywall.")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
 def _write_error_report(path: str | None, message: str) -> None:
-    if path:
-        Path(path).write_text(json.dumps({"ok": False, "error": message, "violations": [], "not_run": []}, indent=2) + "\n")
+    """Make the report say why the run could not be made (keeping what it already holds)."""
+    if not path:
+        return
+    report: dict[str, Any] = {"violations": [], "not_run": []}
+    if Path(path).is_file():
+        try:
+            report = json.loads(Path(path).read_text(encoding="utf-8"))
+        except ValueError:
+            report = {"violations": [], "not_run": [], "damaged_report": True}
+    report.update(ok=False, error=report.get("error") or message)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
 
 
-def _run_pytest(args: list[str], report: str | None) -> int:
+def _run_pytest(command: str, extra: Sequence[str], given: dict[str, Any], verbose: bool) -> int:
+    """Run the properties through pytest with partywall's own output, and map the outcome to an exit code."""
     import pytest
 
-    code = pytest.main(args)
-    from partywall import plugin  # after pytest.main, so pytest can rewrite Hypothesis's asserts
+    from partywall.console import ConsoleReporter
 
-    state = plugin.run_state()
-    if state.get("error"):
-        print(f"partywall: {state['error']}", file=sys.stderr)
-        if report and not Path(report).exists():
-            _write_error_report(report, state["error"])
-        return 2
-    if code == 0:
-        return 0
-    if code == 1:
-        return 1
-    return 2
+    home = str(_properties_home())
+    # pytest's own settings and output stay out of it: no project ini file (the team's
+    # pytest options are for the team's tests), no terminal reporter (ConsoleReporter
+    # speaks instead), no assertion rewriting (invariants raise their own messages).
+    args = ["--pyargs", PROPERTIES, "-c", os.devnull, "--rootdir", home, "--confcutdir", home,
+            "-p", "no:cacheprovider", "-p", "no:terminal", "--assert=plain", *extra, *_pytest_options(given)]
+    reporter = ConsoleReporter(command, verbose=verbose)
+    code = pytest.main(args, plugins=[reporter])
+    status, lines = reporter.verdict(int(code))
+    for line in lines[:-1]:
+        print(line)
+    if lines:  # the verdict; a run that could not be made says why where errors go
+        print(lines[-1], file=sys.stderr if status == 2 else sys.stdout)
+    if status == 2:
+        _write_error_report(given.get("report"), reporter.error or "the run could not be made")
+    elif given.get("report"):
+        print(f"report: {given['report']}")
+    return status
 
 
-def _precheck(ns: argparse.Namespace, server_pid: int | None = None) -> None:
-    """Option errors and an unreachable --server-url, now, in one line (before pytest starts)."""
-    target = make_target(ns.server_url, ns.server_cmd, ns.auth_secret, server_pid=server_pid)
-    if ns.server_url:
-        target.start()
+def _precheck(given: dict[str, Any]) -> configmod.Settings:
+    """Settings and target options checked now, in one line each, before pytest starts."""
+    found = configmod.resolve(given)
+    load_adapter(found.get("adapter"))
+    target = make_target(found.get("server_url"), found.get("server_cmd"), found.get("auth_secret"),
+                         server_pid=found.get("server_pid"))
+    if found.get("server_url"):
+        target.start()  # nothing listening there: a clear line now, not a failed run later
+    return found
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
-    configmod.load(ns.overrides)  # a bad --set is a usage error before anything starts
+    given = _given(ns)
     if ns.list_invariants:
-        # The invariants are defined in props; the listing runs pytest's collection only.
-        code = _run_pytest([str(_props_dir()), "-q", "-s", "--co", "-p", "no:cacheprovider", "--no-header",
-                            "--partywall-list-invariants"], None)
-        return 0 if code in (0, 2) else code
-    _precheck(ns)
-    args = [str(_props_dir()), "-p", "no:cacheprovider", "-q", "--no-header", "-rN", "--tb=short",
-            f"--hypothesis-profile={ns.profile}", "--partywall-replay-dir", ns.replay_dir,
-            *_pytest_target_args(ns)]
-    if ns.report:
-        args += ["--partywall-report", ns.report]
-    return _run_pytest(args + list(ns.pytest_args), ns.report)
+        configmod.resolve(given)
+        return _run_pytest("list", ["--co", "-s", "--partywall-list-invariants"], given, ns.verbose)
+    found = _precheck(given)
+    print(f"partywall run: profile {found.get('profile')} against "
+          f"{found.get('server_url') or found.get('server_cmd') or 'the embedded reference server'}", flush=True)
+    return _run_pytest("run", list(ns.pytest_args), given, ns.verbose)
 
 
 def cmd_bench(ns: argparse.Namespace) -> int:
-    configmod.load(ns.overrides)
-    _precheck(ns, ns.server_pid)
-    args = [str(_props_dir()), "-p", "no:cacheprovider", "-q", "--no-header", "-rN", "--tb=line", "-s",
-            "--hypothesis-profile=bench", *_pytest_target_args(ns)]
-    for opt, flag in (("users", "--partywall-users"), ("server_pid", "--server-pid"), ("junit", "--partywall-junit"),
-                      ("html", "--partywall-html"), ("shard", "--partywall-shard"), ("report", "--partywall-report")):
-        value = getattr(ns, opt)
-        if value is not None:
-            args += [flag, str(value)]
-    return _run_pytest(args, ns.report)
+    given = _given(ns)
+    _precheck(given)
+    return _run_pytest("bench", ["--hypothesis-profile=bench"], given, ns.verbose)
 
 
 def cmd_replay(ns: argparse.Namespace) -> int:
@@ -165,32 +186,45 @@ def cmd_replay(ns: argparse.Namespace) -> int:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise HarnessError(f"cannot read replay file {path} ({exc}).") from exc
-    if data.get("format") != "partywall-replay/1":
-        raise HarnessError(f"{path} is not a partywall replay file (format {data.get('format')!r}).")
-    _precheck(ns)
-    args = [str(_props_dir()), "-p", "no:cacheprovider", "-q", "--no-header", "-rN", "--tb=no",
-            "--partywall-replay", str(path), f"--hypothesis-profile={data.get('profile', 'dev')}",
-            *_pytest_target_args(ns)]
-    if data.get("seed") is not None and ns.seed is None:
-        args += ["--partywall-seed", str(data["seed"])]
-    return _run_pytest(args, ns.report)
+        raise HarnessError(f"cannot read replay file {path} ({exc}).") from None
+    if not isinstance(data, dict) or data.get("format") != "partywall-replay/1":
+        got = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise HarnessError(f"{path} is not a partywall replay file (format {got!r}).")
+    if not isinstance(data.get("program"), list):
+        raise HarnessError(f"{path} has no step program; it is damaged.")
+    given = _given(ns)
+    if data.get("seed") is not None:
+        given.setdefault("seed", int(data["seed"]))
+    if data.get("profile"):
+        given.setdefault("profile", str(data["profile"]))
+    _precheck(given)
+    return _run_pytest("replay", ["--partywall-replay", str(path)], given, ns.verbose)
 
 
-def cmd_serve(ns: argparse.Namespace) -> int:
-    args = list(ns.server_args)
+def cmd_config(ns: argparse.Namespace) -> int:
+    found = configmod.resolve(_given(ns))
+    print(f"settings from: {found.project_file or 'partywall defaults only (no [tool.partywall] found)'}")
+    rows = found.shown()
+    width = max(len(name) for name, _, _ in rows)
+    vwidth = min(40, max(len(value) for _, value, _ in rows))
+    for name, value, source in rows:
+        print(f"{name:<{width}}  {value:<{vwidth}}  {source}")
+    return 0
+
+
+def cmd_serve(args: list[str]) -> int:
     if args and args[0] == "--":
         args = args[1:]
     env = dict(os.environ)
     has_secret = any(a.startswith(("--secret", "--secret-file")) for a in args) or env.get(SECRET_ENV)
-    if not has_secret:
+    if not has_secret and not {"-h", "--help"} & set(args):
         secret = secrets.token_urlsafe(32)
         env[SECRET_ENV] = secret
         print(f"partywall serve: generated secret {secret}", file=sys.stderr)
         print(f"  token: partywall token --secret {shlex.quote(secret)} --tenant acme --user alice", file=sys.stderr)
         sys.stderr.flush()
     # Exec, not import: the harness never imports the server, and signals reach it directly.
-    os.execvpe(sys.executable, [sys.executable, "-m", "agentserver", *args], env)
+    os.execvpe(sys.executable, [sys.executable, "-m", "partywall_agentserver", *args], env)
     return 0  # not reached
 
 
@@ -206,16 +240,15 @@ def cmd_token(ns: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "bench": cmd_bench, "replay": cmd_replay, "serve": cmd_serve, "token": cmd_token}
+COMMANDS = {"run": cmd_run, "bench": cmd_bench, "replay": cmd_replay, "config": cmd_config, "token": cmd_token}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
     args = sys.argv[1:] if argv is None else list(argv)
-    if args[:1] == ["serve"] and not {"-h", "--help"} & set(args[1:]):
-        # Everything after `serve` belongs to the server, options included.
-        return cmd_serve(argparse.Namespace(server_args=args[1:]))
-    ns = parser.parse_args(args)
+    if args[:1] == ["serve"]:
+        # Everything after `serve` belongs to the server, --help included.
+        return cmd_serve(args[1:])
+    ns = build_parser().parse_args(args)
     try:
         return COMMANDS[ns.command](ns)
     except HarnessError as exc:
@@ -225,6 +258,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("partywall: interrupted", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (`partywall config | head`): nothing more to say to it.
+        sys.stdout = None  # type: ignore[assignment]  # no flush of a closed pipe at exit
+        return 0
 
 
 if __name__ == "__main__":

@@ -1,127 +1,195 @@
-"""The pytest plugin (entry point ``pytest11``): targets, profiles, the run, the report.
+"""The pytest plugin (entry point ``pytest11``): settings, profiles, the run, the report.
 
-It adds the target options (``--server-url``, ``--server-cmd``,
-``--auth-secret``) and partywall's own (``--partywall-seed``,
-``--partywall-report``, ``--partywall-set``, ``--partywall-replay``), registers
-the Hypothesis profiles from ``[tool.partywall.profiles]``, and gives the
+Every option of the ``partywall`` command is a pytest option too, named by
+the rule of `partywall.config` (``--server-url`` is ``--partywall-server-url``,
+``--profile`` is ``--partywall-profile``, and so on), with the same layers
+beneath it (packaged defaults, the project's ``[tool.partywall]``,
+``PARTYWALL_<OPTION>`` variables). The plugin registers the Hypothesis
+profiles of the settings and loads the one in force, and gives the
 properties a session-scoped ``partywall_session`` fixture: the target started
 (or reached), the driver running, the run's seed, registry and report.
 
+The plugin owns one `Run` per pytest session, kept in ``config.stash`` under
+`RUN_KEY`: the settings, the profile, the seed, the `Session` once it exists,
+and the reason the run could not be made, if any. The ``partywall`` command
+reads it back through the same key; nothing else is shared.
+
 Hypothesis profiles and the ``CI`` variable: Hypothesis loads a built-in
-profile named ``ci`` whenever ``CI`` is set. partywall registers its own
-``ci`` profile under that same name, so under ``CI=true`` the built-in one is
-replaced by partywall's (fixed seed, no example database, deadline off), and
-``--hypothesis-profile`` (or ``partywall run --profile``) always wins.
+profile named ``ci`` whenever ``CI`` is set. partywall does the same with
+its own ``ci`` profile (fixed seed, no example database, deadline off)
+unless a profile is named in any layer; ``--hypothesis-profile`` names one
+too.
 """
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
+import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 from hypothesis import HealthCheck, Phase, Verbosity, settings
 from hypothesis.database import DirectoryBasedExampleDatabase
 
 from partywall import config as configmod
-from partywall.adapter import Adapter
-from partywall.errors import HarnessError
+from partywall.adapter import load_adapter
+from partywall.errors import HarnessError, Violation
 from partywall.session import Session
 from partywall.target import make_target
 
-_STATE: dict[str, Any] = {}
+#: The profile of the 100-user benchmark; not one a project configures.
+BENCH_PROFILE = "bench"
 
 
-def register_profiles(cfg: dict[str, Any]) -> None:
-    """Register dev, ci, nightly and bench with Hypothesis from the config."""
+@attrs.define(eq=False)
+class Run:
+    """One pytest session of partywall: what the plugin, the properties and the CLI share."""
+
+    settings: configmod.Settings
+    profile: str
+    """The Hypothesis profile in force (``bench`` for the benchmark)."""
+    seed: int
+    """The run's one seed: markers, and Hypothesis's generation."""
+    mode: str = attrs.field(validator=attrs.validators.in_({"run", "bench", "replay"}))
+    session: Session | None = None
+    """The suite's session, once a property asked for it."""
+    error: str | None = None
+    """Why the run could not be made or was cut short (exit 2); None when it ran."""
+    on_example: Callable[[Session], None] | None = None
+    """Called after each example (the CLI's progress line)."""
+
+    def fail(self, message: str) -> None:
+        """Record that the run could not be made (the first reason wins)."""
+        self.error = self.error or message
+        if self.session is not None:
+            self.session.error = self.session.error or message
+
+    @property
+    def violations(self) -> list[Any]:
+        return list(self.session.violations) if self.session is not None else []
+
+
+RUN_KEY = pytest.StashKey[Run]()
+
+
+def get_run(config: pytest.Config) -> Run | None:
+    """The plugin's `Run` of this pytest session (None when the plugin did not configure one)."""
+    return config.stash.get(RUN_KEY, None)
+
+
+def register_profiles(table: dict[str, Any]) -> None:
+    """Register every profile of the settings, and the bench's, with Hypothesis."""
     common: dict[str, Any] = dict(
         deadline=None,  # a step's network time is checked by the `timing` invariant, not here
         suppress_health_check=list(HealthCheck),
         report_multiple_bugs=False,
         print_blob=True,
     )
-    for name, prof in cfg.get("profiles", {}).items():
-        db = DirectoryBasedExampleDatabase(".hypothesis/examples") if prof.get("database") else None
+    for name, prof in table["profiles"].items():
+        db = DirectoryBasedExampleDatabase(".hypothesis/examples") if prof["database"] else None
         settings.register_profile(
             name,
-            max_examples=int(prof.get("max_examples", 25)),
-            stateful_step_count=int(prof.get("stateful_step_count", 30)),
-            derandomize=bool(prof.get("derandomize", False)),
+            max_examples=int(prof["max_examples"]),
+            stateful_step_count=int(prof["stateful_step_count"]),
+            derandomize=bool(prof["derandomize"]),
             database=db,
             # Hypothesis's shrinker re-runs the machine hundreds of times, which against a
-            # live server takes minutes; props.runner shrinks the recorded program by
-            # replay instead, within [tool.partywall] shrink_seconds.
+            # live server takes minutes; partywall_props.runner shrinks the recorded program
+            # by replay instead, within [tool.partywall] shrink_seconds.
             phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target],
             verbosity=Verbosity.normal,
             **common,
         )
-    settings.register_profile("bench", max_examples=1, database=None, phases=[Phase.explicit, Phase.generate], **common)
+    settings.register_profile(BENCH_PROFILE, max_examples=1, database=None,
+                              phases=[Phase.explicit, Phase.generate], **common)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("partywall", "partywall: the server under test and the run")
-    group.addoption("--server-url", default=None, help="test a running server at ws://HOST:PORT/ws (no crash checks)")
-    group.addoption("--server-cmd", default=None, help="start the server with `sh -c CMD`; it prints `listening on ws://HOST:PORT/ws`")
-    group.addoption("--auth-secret", default=None, help="HS256 secret of --server-url/--server-cmd (or env PARTYWALL_AUTH_SECRET)")
-    group.addoption("--server-pid", type=int, default=None, help="pid of a --server-url server, for its CPU and memory")
-    group.addoption("--partywall-seed", type=int, default=None, help="the run's seed (markers, and Hypothesis's when the profile is not derandomized)")
-    group.addoption("--partywall-report", default=None, help="write the JSON report here")
-    group.addoption("--partywall-set", action="append", default=[], metavar="KEY=VALUE", help="override a [tool.partywall] value")
-    group.addoption("--partywall-replay", default=None, help="replay this failure file step by step")
-    group.addoption("--partywall-replay-dir", default=None, help="where failure replay files go (default .partywall/replays)")
-    group.addoption("--partywall-adapter", default=None, metavar="MODULE:CLASS",
-                    help="a partywall.adapter.Adapter subclass for a server with another wire format")
+    for opt in configmod.OPTIONS:
+        kwargs: dict[str, Any] = {"dest": opt.pytest_dest, "help": f"{opt.help} (or {opt.env})"}
+        if opt.kind == "list":
+            kwargs.update(action="append", default=[], metavar=opt.metavar)
+        elif opt.kind == "flag":
+            kwargs.update(action="store_true", default=False)
+        else:
+            kwargs.update(default=None, metavar=opt.metavar, type=int if opt.kind == "int" else str)
+        group.addoption(opt.pytest_flag, **kwargs)
+    group.addoption("--partywall-replay", default=None, metavar="FILE", help="replay this failure file step by step")
     group.addoption("--partywall-list-invariants", action="store_true", help="print the invariants and run nothing")
-    group.addoption("--partywall-users", type=int, default=None, help="bench: number of users")
-    group.addoption("--partywall-shard", default=None, metavar="K/N", help="bench: run shard K of N of the plan's users")
-    group.addoption("--partywall-junit", default=None, help="bench: write JUnit XML here")
-    group.addoption("--partywall-html", default=None, help="bench: write the HTML report here")
+
+
+def _runs_properties(config: pytest.Config, given: dict[str, Any]) -> bool:
+    """Whether this pytest session runs partywall's properties.
+
+    The plugin is installed wherever partywall is, so it stays out of every
+    other session: it loads no Hypothesis profile and fixes no seed for a
+    team's own tests. It takes part when a partywall option is given or the
+    arguments name the properties (``--pyargs partywall_props`` or their folder).
+    """
+    if given or config.getoption("partywall_replay") or config.getoption("partywall_list_invariants"):
+        return True
+    if config.getoption("hypothesis_profile", None) == BENCH_PROFILE:
+        return True
+    spec = importlib.util.find_spec("partywall_props")  # finds the folder without importing it
+    home = Path(next(iter(spec.submodule_search_locations))).resolve() if spec and spec.submodule_search_locations else None
+    for arg in config.args:
+        name = str(arg).split("::")[0]
+        if name == "partywall_props" or name.startswith("partywall_props."):
+            return True
+        path = Path(name).resolve()
+        if home is not None and (path == home or home in path.parents):
+            return True
+    return False
 
 
 @pytest.hookimpl(tryfirst=True)  # before Hypothesis's plugin loads --hypothesis-profile
 def pytest_configure(config: pytest.Config) -> None:
+    given = configmod.from_namespace(vars(config.option), pytest=True)
+    if not _runs_properties(config, given):
+        return
+    named = config.getoption("hypothesis_profile", None)
+    bench = named == BENCH_PROFILE
+    if named and not bench:
+        given.setdefault("profile", named)
     try:
-        cfg = configmod.load(config.getoption("partywall_set") or [])
+        found = configmod.resolve(given)
     except HarnessError as exc:
-        raise pytest.UsageError(str(exc)) from exc
-    _STATE["cfg"] = cfg
-    register_profiles(cfg)
-    profile = config.getoption("hypothesis_profile", None)
-    if not profile and os.environ.get("CI"):
-        profile = "ci"
-        settings.load_profile("ci")  # explicit: partywall's ci, not Hypothesis's built-in one
-    # One seed for the run: --partywall-seed, else the profile's fixed seed, else random.
-    # It seeds the markers and, through --hypothesis-seed (read by Hypothesis's plugin
+        raise pytest.UsageError(str(exc)) from None
+    register_profiles(found.table)
+    profile = BENCH_PROFILE if bench else str(found.get("profile"))
+    settings.load_profile(profile)
+    # One seed for the run: --seed, else the profile's (or the bench plan's) fixed seed, else
+    # random. It seeds the markers and, through --hypothesis-seed (read by Hypothesis's plugin
     # after this hook), generation: the same seed gives the same generated workload.
-    prof_cfg = cfg.get("profiles", {}).get(profile or "dev", {})
-    seed = config.getoption("partywall_seed")
+    seed = found.get("seed")
     if seed is None:
-        seed = prof_cfg.get("seed") if profile != "bench" else cfg.get("bench", {}).get("seed")
+        seed = found["bench"]["seed"] if bench else found.profile(profile).get("seed")
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "big")
-    _STATE["seed"] = int(seed)
     if config.getoption("hypothesis_seed", None) is None:
         config.option.hypothesis_seed = str(seed)
+    mode = "replay" if config.getoption("partywall_replay") else ("bench" if bench else "run")
+    config.stash[RUN_KEY] = Run(settings=found, profile=profile, seed=int(seed), mode=mode)
+    config.addinivalue_line("markers", "partywall_replay: the replay runner; runs only with --partywall-replay")
+    config.addinivalue_line("markers", "partywall_bench: the 100-user benchmark; runs under the bench profile")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The replay runner runs only when asked for; the bench only under its profile."""
-    replay = config.getoption("partywall_replay")
-    bench = settings._current_profile == "bench"  # noqa: SLF001 - the profile pytest loaded
+    run = get_run(config)
+    if run is None:
+        return
     keep: list[pytest.Item] = []
     drop: list[pytest.Item] = []
     for item in items:
         is_replay = item.get_closest_marker("partywall_replay") is not None
         is_bench = item.get_closest_marker("partywall_bench") is not None
-        if replay:
-            wanted = is_replay
-        elif bench:
-            wanted = is_bench
-        else:
-            wanted = not is_replay and not is_bench
+        wanted = {"replay": is_replay, "bench": is_bench, "run": not is_replay and not is_bench}[run.mode]
         (keep if wanted else drop).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
@@ -129,50 +197,55 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
-    return [f"partywall: profile {settings._current_profile}, config {configmod.config_path()}"]  # noqa: SLF001
-
-
-def _profile_name() -> str:
-    return str(settings._current_profile)  # noqa: SLF001
-
-
-@pytest.fixture(scope="session")
-def partywall_config() -> dict[str, Any]:
-    """[tool.partywall] with the command line's overrides."""
-    return _STATE["cfg"]
+    run = get_run(config)
+    if run is None:
+        return []
+    where = run.settings.project_file or configmod.DEFAULTS_SOURCE
+    return [f"partywall: profile {run.profile}, seed {run.seed}, settings from {where}"]
 
 
 @pytest.fixture(scope="session")
-def partywall_session(request: pytest.FixtureRequest, partywall_config: dict[str, Any]) -> Iterator[Session]:
+def partywall_run(request: pytest.FixtureRequest) -> Run:
+    """The plugin's `Run` of this pytest session."""
+    run = get_run(request.config)
+    if run is None:
+        pytest.fail("partywall's plugin takes part only in sessions that run its properties: "
+                    "name them (pytest --pyargs partywall_props) or pass a --partywall-* option.")
+    return run
+
+
+@pytest.fixture(scope="session")
+def partywall_config(partywall_run: Run) -> dict[str, Any]:
+    """``[tool.partywall]`` as every layer leaves it."""
+    return partywall_run.settings.table
+
+
+@pytest.fixture(scope="session")
+def partywall_session(partywall_run: Run) -> Iterator[Session]:
     """The run: target started or reached, seed fixed, report kept."""
-    opt = request.config.getoption
-    profile = _profile_name()
-    seed = _STATE["seed"]
-    replay_dir = Path(opt("partywall_replay_dir") or ".partywall/replays")
+    run = partywall_run
+    found = run.settings
     try:
         target = make_target(
-            server_url=opt("server_url"),
-            server_cmd=opt("server_cmd"),
-            auth_secret=opt("auth_secret"),
-            server_pid=opt("server_pid"),
+            server_url=found.get("server_url"),
+            server_cmd=found.get("server_cmd"),
+            auth_secret=found.get("auth_secret"),
+            server_pid=found.get("server_pid"),
+            ready_timeout_s=float(found["server_ready_timeout_s"]),
         )
+        adapter = load_adapter(found.get("adapter"))
     except HarnessError as exc:
-        _fail_run(request.config, str(exc))
-        raise
-    try:
-        adapter = load_adapter(opt("partywall_adapter"))
-    except HarnessError as exc:
-        _fail_run(request.config, str(exc))
+        run.fail(str(exc))
         pytest.exit(f"partywall: {exc}", returncode=2)
-    session = Session(config=partywall_config, target=target, seed=seed, profile=profile, replay_dir=replay_dir,
-                      adapter=adapter)
-    _STATE["session"] = session
+    session = Session(config=found.table, target=target, seed=run.seed, profile=run.profile,
+                      replay_dir=Path(found.get("replay_dir")), adapter=adapter, on_example=run.on_example)
+    run.session = session
     if not target.can_crash:
         session.not_run_check("crash_and_restart", f"the {target.kind} target was not started by the suite, so it cannot be crashed")
     try:
         session.start(observer=lambda ev, frame: None)
     except HarnessError as exc:
-        _fail_run(request.config, str(exc))
+        run.fail(str(exc))
         session.target.stop()
         pytest.exit(f"partywall: {exc}", returncode=2)
     try:
@@ -181,57 +254,62 @@ def partywall_session(request: pytest.FixtureRequest, partywall_config: dict[str
         session.close()
 
 
-def load_adapter(spec: str | None) -> Adapter:
-    """The adapter named ``MODULE:CLASS`` (protocol v1's when None)."""
-    if not spec:
-        return Adapter()
-    module_name, _, class_name = spec.partition(":")
-    try:
-        cls = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError, ValueError) as exc:
-        raise HarnessError(f"--partywall-adapter {spec!r}: cannot load it ({exc}); expected MODULE:CLASS.") from exc
-    if not (isinstance(cls, type) and issubclass(cls, Adapter)):
-        raise HarnessError(f"--partywall-adapter {spec!r} is not a subclass of partywall.adapter.Adapter.")
-    return cls()
-
-
-def _fail_run(config: pytest.Config, message: str) -> None:
-    _STATE["error"] = message
-    if "session" in _STATE:
-        _STATE["session"].error = message
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> None:
+    """A test that fails with anything but a violation is the harness's failure, not the server's."""
+    run = get_run(item.config)
+    excinfo = call.excinfo
+    if run is None or excinfo is None or excinfo.errisinstance((Violation, pytest.skip.Exception, pytest.exit.Exception)):
+        return
+    # Violations come back through the session's record; anything else (an adapter that raised,
+    # a bug of partywall's own) is the reason the run could not be made.
+    run.fail(f"{item.name} stopped with {excinfo.typename}: {str(excinfo.value).strip().splitlines()[0] if str(excinfo.value).strip() else '(no message)'}")
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    path = session.config.getoption("partywall_report", None)
-    run: Session | None = _STATE.get("session")
-    if path and run is not None and getattr(run, "bench_report", None) is None:
-        run.write_report(path)
-    elif path and run is None and "error" in _STATE:
-        import json
+    run = get_run(session.config)
+    if run is None:
+        return
+    path = run.settings.get("report")
+    if not path:
+        return
+    if run.session is not None:
+        if run.session.bench_report is None:  # the bench writes its own report
+            run.session.error = run.session.error or run.error
+            run.session.write_report(path)
+    elif run.error is not None or exitstatus != 0:
+        # Nothing ran here and something went wrong. (An xdist controller, whose workers
+        # ran the properties and wrote the reports, has neither and writes nothing.)
+        Path(path).write_text(json.dumps(error_report(run.error or f"pytest stopped with exit status {int(exitstatus)}"),
+                                         indent=2) + "\n")
 
-        Path(path).write_text(json.dumps({"ok": False, "error": _STATE["error"], "violations": [], "not_run": []}, indent=2) + "\n")
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    """Under the bench profile, ``-n N`` hands the bench test to every worker.
+
+    xdist's default scheduling gives the one bench test to one worker; the
+    bench is sharded instead, each worker running its share of the plan's
+    users (worker gwK runs shard K of N), so every worker must run it.
+    """
+    run = get_run(config)
+    if run is None or run.mode != "bench":
+        return None
+    from xdist.scheduler import EachScheduling
+
+    return EachScheduling(config, log)
+
+
+def error_report(message: str) -> dict[str, Any]:
+    """The JSON report of a run that could not be made."""
+    return {"ok": False, "error": message, "violations": [], "not_run": []}
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    run: Session | None = _STATE.get("session")
-    if run is None:
+    from partywall.console import summary_lines
+
+    run = get_run(terminalreporter.config)
+    if run is None or run.session is None or run.mode == "bench":
         return
-    frames = sum(1 for e in run.history if e.kind == "frame")
-    st = run.stats
     terminalreporter.write_sep("-", "partywall")
-    terminalreporter.write_line(
-        f"profile {run.profile}, seed {run.seed}, target {run.target.kind} {run.target.url}: "
-        f"{st.get('examples', 0)} examples, {st.get('steps', 0)} steps, {len(run.history)} events, {frames} frames"
-    )
-    if st.get("rules"):
-        terminalreporter.write_line("rules run: " + ", ".join(f"{k} {v}" for k, v in sorted(st["rules"].items())))
-    for item in run.not_run:
-        terminalreporter.write_line(f"not run: {item['check']}: {item['reason']}")
-    for v in run.violations:
-        terminalreporter.write_line(f"VIOLATION [{v.violation.invariant}] {v.violation.title} (reproduced {v.reproduced}; replay: {v.replay})")
-
-
-def run_state() -> dict[str, Any]:
-    """The plugin's state, for the CLI that ran pytest in-process."""
-    return _STATE
-
+    for line in summary_lines(run, verbose=True):
+        terminalreporter.write_line(line)

@@ -12,6 +12,7 @@ import json
 import os
 import secrets
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,8 @@ class ReportedViolation:
     violation: Violation
     reproduced: str | None = None
     replay: str | None = None
+    detail: str = ""
+    """What a reader needs beyond the title: how it was shrunk, the program, the replay command."""
 
     def to_json(self) -> dict[str, Any]:
         return {**self.violation.to_json(), "reproduced": self.reproduced, "replay": self.replay}
@@ -66,6 +69,8 @@ class Session:
     failures: list[dict[str, Any]] = attrs.field(factory=list)
     bench_report: dict[str, Any] | None = None
     """The bench's own report, once the bench has run; the plugin then leaves the report file to it."""
+    on_example: Callable[[Session], None] | None = None
+    """Called after each example of the state machine (a progress line)."""
     _req: Any = attrs.field(factory=itertools.count, repr=False)
     _example: Any = attrs.field(factory=itertools.count, repr=False)
 
@@ -106,8 +111,14 @@ class Session:
         if not any(n["check"] == check for n in self.not_run):
             self.not_run.append({"check": check, "reason": reason})
 
-    def report(self, violation: Violation, reproduced: str | None = None, replay: str | None = None) -> None:
-        self.violations.append(ReportedViolation(violation, reproduced, replay))
+    def example_done(self) -> None:
+        """The state machine finished an example (its counts are in `stats`)."""
+        if self.on_example is not None:
+            self.on_example(self)
+
+    def report(self, violation: Violation, reproduced: str | None = None, replay: str | None = None,
+               detail: str = "") -> None:
+        self.violations.append(ReportedViolation(violation, reproduced, replay, detail))
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -35,7 +35,6 @@ from urllib.parse import urlsplit
 
 import psutil
 
-from partywall import config
 from partywall.errors import TargetError
 
 SECRET_ENV = "PARTYWALL_AUTH_SECRET"
@@ -48,11 +47,6 @@ MAX_LINE_BYTES = 4096
 OUTPUT_LINES_KEPT = 400
 
 _READY_LINE = re.compile(r"listening on (ws://(\[[^\]]+\]|[^\s/:\[\]]+):(\d+)(/\S*)?)")
-
-
-def ready_timeout_from_config() -> float:
-    """``server_ready_timeout_s`` of ``[tool.partywall]`` (see `partywall.config`), 30 s if unset."""
-    return float(config.load().get("server_ready_timeout_s", DEFAULT_READY_TIMEOUT_S))
 
 
 def parse_ws_url(url: str) -> tuple[str, int, str]:
@@ -172,9 +166,7 @@ class LaunchedTarget(Target):
 
     def __init__(self, secret: str, ready_timeout_s: float | None = None) -> None:
         super().__init__(secret)
-        self.ready_timeout_s = (
-            ready_timeout_from_config() if ready_timeout_s is None else float(ready_timeout_s)
-        )
+        self.ready_timeout_s = DEFAULT_READY_TIMEOUT_S if ready_timeout_s is None else float(ready_timeout_s)
         self._proc: subprocess.Popen[bytes] | None = None
         self._output = _OutputBuffer()
         self._drains: list[threading.Thread] = []
@@ -347,6 +339,12 @@ class LaunchedTarget(Target):
             return  # the whole group has already exited
         if sig == signal.SIGKILL:
             self._proc.wait()
+            # The leader is reaped; the server it forked may take a moment longer to be
+            # gone (a loaded machine delivers the signal late). A crash is over only when
+            # no process of the group runs, so a restart never meets the old server.
+            deadline = time.monotonic() + STOP_GRACE_S
+            while self._group_processes() and time.monotonic() < deadline:
+                time.sleep(0.01)
 
     def kill(self) -> None:
         """SIGKILL the whole process group and reap it, as a crash would end it."""
@@ -449,7 +447,7 @@ class LaunchedTarget(Target):
 
 
 class EmbeddedTarget(LaunchedTarget):
-    """The reference server, ``python -m agentserver``, on a free port with a fresh database.
+    """The reference server, ``python -m partywall_agentserver``, on a free port with a fresh database.
 
     The secret is random per target; restarts reuse the same database (so data
     persists across a crash) and the same secret (so tokens stay valid).
@@ -477,14 +475,14 @@ class EmbeddedTarget(LaunchedTarget):
 
     def _command(self) -> list[str]:
         return [
-            sys.executable, "-m", "agentserver",
+            sys.executable, "-m", "partywall_agentserver",
             "--host", "127.0.0.1", "--port", "0", "--db", str(self.db_path),
             *self.server_args,
         ]
 
     def _cwd(self) -> str:
         # Not the caller's directory: `-m` puts the working directory first on
-        # sys.path, and a stray agentserver/ there must not shadow the installed one.
+        # sys.path, and a stray package folder there must not shadow the installed one.
         return str(self.db_dir)
 
     def __exit__(
@@ -616,15 +614,16 @@ def make_target(
     """The target the command-line options ask for, or TargetError saying which option to fix.
 
     No URL and no command: the embedded reference server. ``--server-url`` and
-    ``--server-cmd`` exclude each other and need ``--auth-secret`` (or
-    PARTYWALL_AUTH_SECRET), the secret the server signs tokens with.
+    ``--server-cmd`` exclude each other and need ``--auth-secret`` (which
+    `partywall.config` also reads from PARTYWALL_AUTH_SECRET), the secret the
+    server signs tokens with.
     """
     if server_url and server_cmd:
         raise TargetError(
             "--server-url and --server-cmd exclude each other; pass --server-url for a server that "
             "is already running, or --server-cmd for one the suite should start."
         )
-    secret = auth_secret or os.environ.get(SECRET_ENV) or None
+    secret = auth_secret or None
     if server_args and (server_url or server_cmd):
         raise TargetError(
             "server arguments apply to the embedded server only; put them in --server-cmd instead."

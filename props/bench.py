@@ -13,7 +13,7 @@ is not part of the plan.
 
 `run_bench` runs the plan's users (or one shard of them) through the suite's
 own `Driver`, with every event going through the same invariants as the
-state machine (`props.invariants`): a leak, a lost message or a misrouted
+state machine (`partywall_props.invariants`): a leak, a lost message or a misrouted
 reply fails the benchmark just as a slow start-up does. Each user, all at
 once from one intended instant: connect, start an agent, send its messages
 (each carrying a marker; waiting for the whole reply each time), read its
@@ -36,6 +36,8 @@ from typing import Any, TextIO
 
 import attrs
 import trio
+from partywall_props.invariants import INVARIANTS
+from partywall_props.model import Model
 
 from partywall import __version__, tokens
 from partywall.adapter import Frame, valid_id
@@ -46,8 +48,6 @@ from partywall.history import Event
 from partywall.resources import ResourceSampler
 from partywall.session import Session
 from partywall.stats import min_samples_for, summarize
-from props.invariants import INVARIANTS
-from props.model import Model
 
 #: Bumped whenever plan generation changes, so an old fingerprint can never match a new plan.
 PLAN_VERSION = 1
@@ -197,11 +197,16 @@ def parse_shard(text: str) -> tuple[int, int]:
     return index - 1, count
 
 
-def xdist_shard() -> tuple[int, int] | None:
-    """Shard of this pytest-xdist worker (gw0 of 4 → (0, 4)), or None outside xdist."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER")
-    count = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
-    if not worker or not count or not worker.startswith("gw"):
+def xdist_shard(workerinput: Mapping[str, Any] | None) -> tuple[int, int] | None:
+    """Shard of this pytest-xdist worker (gw0 of 4 → (0, 4)), or None outside xdist.
+
+    Read from the worker's own ``config.workerinput``, not from the
+    environment, which a process started by a test under xdist inherits.
+    """
+    if not workerinput:
+        return None
+    worker, count = str(workerinput.get("workerid", "")), workerinput.get("workercount")
+    if not worker.startswith("gw") or not count:
         return None
     return int(worker[2:]), int(count)
 

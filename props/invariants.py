@@ -12,12 +12,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+from partywall_props.model import Model, Req
+
 from partywall.adapter import FINAL_REPLY, REPLY_TYPES, Frame
 from partywall.checks import InvariantRegistry
 from partywall.errors import Violation
 from partywall.history import Event
 from partywall.markers import markers_in
-from props.model import Model, Req
 
 INVARIANTS = InvariantRegistry()
 register = INVARIANTS.register

@@ -13,7 +13,7 @@ thread id and, at the same instant, an id that does not exist; the two
 answers must be equal but for ``re``.
 
 Each step is recorded (rule and arguments, bundle values by name) so a
-failing program can be replayed step by step (`props.replay`).
+failing program can be replayed step by step (`partywall_props.replay`).
 """
 
 from __future__ import annotations
@@ -42,15 +42,9 @@ from hypothesis.stateful import (
     precondition,
     rule,
 )
-
-from partywall import tokens
-from partywall.checks import Checker
-from partywall.driver import Conn, Refused
-from partywall.errors import Violation
-from partywall.session import Session
-from props.invariants import INVARIANTS
-from props.model import Model
-from strategies import (
+from partywall_props.invariants import INVARIANTS
+from partywall_props.model import Model
+from partywall_strategies import (
     ContentPlan,
     assistant_names,
     bad_assistant_names,
@@ -63,6 +57,12 @@ from strategies import (
     token_kinds,
     user_ids,
 )
+
+from partywall import tokens
+from partywall.checks import Checker
+from partywall.driver import Conn, Refused
+from partywall.errors import Violation
+from partywall.session import Session
 
 MAX_CONNS = 8
 MAX_THREADS = 8
@@ -169,17 +169,14 @@ def encode_arg(value: Any) -> Any:
 class TenantMachine(RuleBasedStateMachine):
     """Tenants connecting, starting agents and talking, all at once, over real sockets."""
 
-    #: Set by the property before running: the run this machine belongs to.
-    session: Session
-
     # Connections are a bundle (disconnect consumes them). Tenants and threads are
     # picked by index from the machine's own lists instead: the opening `world`
     # step makes both, and an initialize rule can fill only one bundle.
     conns = Bundle("conns")
 
-    def __init__(self) -> None:
+    def __init__(self, session: Session) -> None:
         super().__init__()
-        s = self.session
+        self.session = s = session
         assert s.driver is not None
         self.driver = s.driver
         self.prefix = s.next_prefix()
@@ -701,3 +698,4 @@ class TenantMachine(RuleBasedStateMachine):
             }
             if self.raised is not None:
                 self.session.failures.append(self.session.last_program)
+            self.session.example_done()

@@ -3,7 +3,7 @@
 The model is the client's view of PROTOCOL.md: which connection belongs to
 which tenant, which threads each connection has joined (as time intervals),
 which messages were acked and which replies were sent, and which tenant owns
-every marker and server id. The invariants in `props.invariants` read it
+every marker and server id. The invariants in `partywall_props.invariants` read it
 before each event is applied; `apply` then takes the event in.
 
 Everything here comes from recorded events, never from the driver's private

@@ -16,21 +16,21 @@ from typing import Any
 
 from hypothesis import settings
 from hypothesis.stateful import run_state_machine_as_test
+from partywall_props.invariants import percentile_violations
+from partywall_props.machine import ConnRef, TenantMachine, ThreadRef
+from partywall_strategies import ContentPlan
 
 from partywall.errors import HarnessError, Violation
 from partywall.session import Session
-from props.invariants import percentile_violations
-from props.machine import ConnRef, TenantMachine, ThreadRef
-from strategies import ContentPlan
 
 REPRODUCE_RUNS = 3
 
 
 def run_property(session: Session, machine: type[TenantMachine] = TenantMachine) -> None:
     """Run the machine under the current Hypothesis profile; shrink, report and re-raise any violation."""
-    machine.session = session
     try:
-        run_state_machine_as_test(machine, settings=settings())
+        # A factory, so each example's machine gets this run's session (Hypothesis's public API).
+        run_state_machine_as_test(lambda: machine(session), settings=settings())
     except HarnessError:
         raise
     except BaseException as exc:  # noqa: BLE001 - every failure is reported below, then re-raised
@@ -43,14 +43,12 @@ def run_property(session: Session, machine: type[TenantMachine] = TenantMachine)
         k = sum(1 for _ in range(REPRODUCE_RUNS) if _same(replay(session, machine, program)[0], found))
         failure = {**failure, "program": program, "violation": violation.to_json()}
         path = write_replay(session, failure, f"{k}/{REPRODUCE_RUNS}")
-        session.report(violation, f"{k}/{REPRODUCE_RUNS}", str(path))
-        raise Violation(
-            violation.invariant,
-            f"{violation.title}\n\nShrunk from {session.stats.get('found_steps')} to {len(program)} steps "
-            f"in {session.stats.get('shrink_s')} s; reproduced {k}/{REPRODUCE_RUNS} on re-runs.\n"
-            f"Replay: partywall replay {path}\n{format_program(program)}",
-            violation.evidence,
-        ) from (exc if not isinstance(exc, Violation) else None)
+        detail = (f"Shrunk from {session.stats.get('found_steps')} to {len(program)} steps "
+                  f"in {session.stats.get('shrink_s')} s; reproduced {k}/{REPRODUCE_RUNS} on re-runs.\n"
+                  f"Replay: partywall replay {path}\n{format_program(program)}")
+        session.report(violation, f"{k}/{REPRODUCE_RUNS}", str(path), detail)
+        raise Violation(violation.invariant, f"{violation.title}\n\n{detail}", violation.evidence,
+                        ) from (exc if not isinstance(exc, Violation) else None)
     finally:
         session.stats["steps_per_second"] = _rate(session)
     for v in percentile_violations(session.samples, session.config["timing"]):
@@ -195,8 +193,7 @@ def decode_arg(value: Any, refs: dict[str, Any]) -> Any:
 def replay(session: Session, machine_cls: type[TenantMachine], program: list[dict[str, Any]],
            show: Any = None) -> tuple[Violation | None, list[str]]:
     """Run a recorded program step by step; return the violation it raises (or None) and each step's outcome."""
-    machine_cls.session = session
-    m = machine_cls()
+    m = machine_cls(session)
     outcomes: list[str] = []
     caught: Violation | None = None
     alias: dict[str, Any] = {}
@@ -235,7 +232,7 @@ def write_replay(session: Session, failure: dict[str, Any], reproduced: str) -> 
     path = session.replay_dir / f"{v['invariant']}-{session.seed}-{session.run_id}.json"
     path.write_text(json.dumps({
         "format": "partywall-replay/1",
-        "machine": "props.machine:TenantMachine",
+        "machine": "partywall_props.machine:TenantMachine",
         "seed": session.seed,
         "profile": session.profile,
         "run_id": session.run_id,

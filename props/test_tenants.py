@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from partywall_props.machine import TenantMachine
+from partywall_props.runner import format_program, replay, run_property
 
 from partywall.session import Session
-from props.machine import TenantMachine
-from props.runner import format_program, replay, run_property
 
 
 def test_tenants_stay_apart(partywall_session: Session) -> None:

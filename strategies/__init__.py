@@ -10,15 +10,21 @@ Markers are never drawn: the harness mints them and `build_content` places
 them, so shrinking cannot make two markers equal.
 """
 
-from strategies.content import ContentPlan, build_content, contents
-from strategies.ids import (
+from partywall_strategies.content import ContentPlan, build_content, contents
+from partywall_strategies.ids import (
     assistant_names,
     bad_assistant_names,
     id_text,
     tenant_bases,
     user_ids,
 )
-from strategies.input import BAD_FRAME_KINDS, bad_frame, bad_frames, history_limits, token_kinds
+from partywall_strategies.input import (
+    BAD_FRAME_KINDS,
+    bad_frame,
+    bad_frames,
+    history_limits,
+    token_kinds,
+)
 
 __all__ = [
     "BAD_FRAME_KINDS",

@@ -9,9 +9,9 @@ import subprocess
 import sys
 
 import pytest
+from partywall_props.bench import Plan, evaluate_thresholds, parse_shard, threshold_violations
 
 from partywall.errors import HarnessError
-from props.bench import Plan, evaluate_thresholds, parse_shard, threshold_violations
 
 
 def test_bench_plan_same_seed_same_fingerprint() -> None:
@@ -33,7 +33,7 @@ def test_bench_plan_other_seed_or_shape_other_fingerprint() -> None:
 def test_bench_plan_fingerprint_is_the_same_in_another_process() -> None:
     # The seed suite used salted hash(); a fresh interpreter (another
     # PYTHONHASHSEED) must draw the very same plan.
-    code = "from props.bench import Plan; print(Plan.generate(7, 30, 4, 2).fingerprint())"
+    code = "from partywall_props.bench import Plan; print(Plan.generate(7, 30, 4, 2).fingerprint())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PYTHONHASHSEED": "12345", "PATH": "/usr/bin:/bin"}, timeout=60)
     assert out.stdout.strip() == Plan.generate(7, 30, 4, 2).fingerprint()

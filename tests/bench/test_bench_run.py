@@ -13,7 +13,6 @@ invariant fails the benchmark even when every figure is within its limit.
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import secrets
@@ -27,9 +26,9 @@ from typing import Any
 
 import pytest
 from harness.test_reports import chromium  # noqa: F401 - the shared headless-Chromium fixture
+from partywall_props.bench import Plan
 
 from partywall.stats import merge_bench_reports
-from props.bench import Plan
 
 METRICS = ("connect", "agent_startup", "first_chunk", "response", "history")
 
@@ -89,7 +88,7 @@ def test_bench_20_users_against_the_embedded_server_passes_with_a_complete_repor
 @pytest.mark.timeout(150)
 def test_bench_fails_the_p95_gate_when_agent_startups_serialise(tmp_path: Path) -> None:
     secret = secrets.token_urlsafe(32)
-    cmd = (f"{shlex.quote(sys.executable)} -m agentserver --port 0 --db {shlex.quote(str(tmp_path / 'serial.db'))} "
+    cmd = (f"{shlex.quote(sys.executable)} -m partywall_agentserver --port 0 --db {shlex.quote(str(tmp_path / 'serial.db'))} "
            "--fault serial_startup --startup-ms 100:150")
     report_path = tmp_path / "report.json"
     proc = _bench("--users", "60", "--server-cmd", cmd, "--auth-secret", secret, "--report", str(report_path),
@@ -116,7 +115,7 @@ def test_bench_fails_on_a_leak_even_when_it_is_fast(tmp_path: Path) -> None:
     # The plan gives users of different tenants the same assistant names; a server that looks
     # assistants up by name alone hands one tenant's assistant to another.
     secret = secrets.token_urlsafe(32)
-    cmd = (f"{shlex.quote(sys.executable)} -m agentserver --port 0 --db {shlex.quote(str(tmp_path / 'leak.db'))} "
+    cmd = (f"{shlex.quote(sys.executable)} -m partywall_agentserver --port 0 --db {shlex.quote(str(tmp_path / 'leak.db'))} "
            "--fault assistant_by_name")
     report_path = tmp_path / "report.json"
     proc = _bench("--users", "20", "--server-cmd", cmd, "--auth-secret", secret, "--report", str(report_path),
@@ -134,12 +133,9 @@ def test_bench_fails_on_a_leak_even_when_it_is_fast(tmp_path: Path) -> None:
 @pytest.mark.timeout(150)
 def test_bench_under_xdist_runs_one_shard_per_worker_and_the_shards_merge(tmp_path: Path) -> None:
     # Each worker starts its own embedded server here (no --server-url); ci/bench_1000.py shows one shared one.
-    # Where the installed props package is, from a module of it already imported (a tests/props
-    # package, collected as `props` too, may stand in sys.modules["props"] by now).
-    props_dir = str(Path(inspect.getfile(Plan)).parent)
     report = tmp_path / "REPORT.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", props_dir, "-p", "no:cacheprovider", "-q", "-n", "2",
+        [sys.executable, "-m", "pytest", "--pyargs", "partywall_props", "-p", "no:cacheprovider", "-q", "-n", "2",
          "--hypothesis-profile=bench", "--partywall-users", "20", "--partywall-report", str(report)],
         cwd=tmp_path, capture_output=True, text=True, timeout=120, env={**os.environ, "CI": ""})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

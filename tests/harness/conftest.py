@@ -21,13 +21,13 @@ def server_cmd() -> str:
 
 @pytest.fixture
 def fake_agentserver(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Puts a package named `agentserver` that runs the contract server first on PYTHONPATH.
+    """Puts a package named `partywall_agentserver` that runs the contract server first on PYTHONPATH.
 
-    EmbeddedTarget runs ``python -m agentserver`` from its database directory,
+    EmbeddedTarget runs ``python -m partywall_agentserver`` from its database directory,
     so PYTHONPATH wins over the installed (editable) reference server, whose
     finder comes after the path entries.
     """
-    pkg = tmp_path / "fakepkgs" / "agentserver"
+    pkg = tmp_path / "fakepkgs" / "partywall_agentserver"
     pkg.mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
     (pkg / "__main__.py").write_text(

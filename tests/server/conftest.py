@@ -1,6 +1,6 @@
 """Fixtures of the agentserver conformance tests: launched servers and unique tenants.
 
-Every server here is a real `python -m agentserver` subprocess bound to
+Every server here is a real `python -m partywall_agentserver` subprocess bound to
 127.0.0.1 port 0 with a fresh SQLite file, found through its `listening on`
 line; tokens are real HS256 JWTs. The session-wide servers are shared by
 tests that each use their own random tenant, so they cannot see each other.

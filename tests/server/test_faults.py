@@ -1,6 +1,6 @@
 """Planted faults: `--fault NAME` installs each one, and each shows its bug when scripted directly.
 
-These are sanity checks of the modifiers in `agentserver/faults.py`, not
+These are sanity checks of the modifiers in `partywall_agentserver/faults.py`, not
 proofs that the suite's invariants catch them (those live with the suite).
 Rules under test: every name in ARCHITECTURE.md's table is accepted and
 changes the server's behaviour in exactly the way the table says; the

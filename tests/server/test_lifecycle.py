@@ -1,6 +1,6 @@
 """The process: command line, shutdown, crash durability, migrations.
 
-Rules under test: `python -m agentserver` prints exactly one line,
+Rules under test: `python -m partywall_agentserver` prints exactly one line,
 `listening on ws://HOST:PORT/ws`, when ready; without a secret it refuses
 to start with a one-line reason and exit 2; a bad option or unknown fault
 is exit 2; SIGTERM closes every connection with 1001 and exits 0; SIGKILL
@@ -36,7 +36,7 @@ def run_cli(
     *args: str, env: dict[str, str] | None = None, timeout: float = 20
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "agentserver", *args],
+        [sys.executable, "-m", "partywall_agentserver", *args],
         capture_output=True,
         text=True,
         env=env if env is not None else ENV_WITHOUT_SECRET,
@@ -98,9 +98,9 @@ def test_cli_unknown_fault_in_environment_exits_2(tmp_path: Path) -> None:
 def test_cli_secret_from_environment_and_file(tmp_path: Path) -> None:
     (tmp_path / "secret").write_text(SECRET + "\n")
     commands = [
-        ([sys.executable, "-m", "agentserver", "--port", "0", "--db", str(tmp_path / "e.db")],
+        ([sys.executable, "-m", "partywall_agentserver", "--port", "0", "--db", str(tmp_path / "e.db")],
          dict(ENV_WITHOUT_SECRET, PARTYWALL_AUTH_SECRET=SECRET)),
-        ([sys.executable, "-m", "agentserver", "--port", "0", "--db", str(tmp_path / "f.db"),
+        ([sys.executable, "-m", "partywall_agentserver", "--port", "0", "--db", str(tmp_path / "f.db"),
           "--secret-file", str(tmp_path / "secret")], ENV_WITHOUT_SECRET),
     ]  # fmt: skip
     for command, env in commands:

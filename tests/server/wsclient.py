@@ -1,6 +1,6 @@
 """Test helpers: a launched agentserver process, tokens, and a draining trio-websocket client.
 
-The server is always a real `python -m agentserver` process on 127.0.0.1
+The server is always a real `python -m partywall_agentserver` process on 127.0.0.1
 port 0 with its own SQLite file; nothing here reaches into its internals.
 """
 
@@ -72,7 +72,7 @@ _OMIT = OMIT
 
 
 class ServerProcess:
-    """One `python -m agentserver` process; restartable on the same database."""
+    """One `python -m partywall_agentserver` process; restartable on the same database."""
 
     def __init__(self, db: Path, args: Sequence[str] = (), env: dict[str, str] | None = None):
         self.db = db
@@ -84,7 +84,7 @@ class ServerProcess:
         self.start()
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "agentserver", "--port", "0", "--db", str(self.db),
+        return [sys.executable, "-m", "partywall_agentserver", "--port", "0", "--db", str(self.db),
                 "--secret", SECRET, *self.args]  # fmt: skip
 
     def start(self) -> None:

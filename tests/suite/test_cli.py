@@ -47,8 +47,10 @@ def test_cli_dead_server_is_one_line_exit_2_within_seconds(tmp_path: Path) -> No
     [
         (["run", "--server-url", "http://x/ws", "--auth-secret", "s"], "ws://"),
         (["run", "--server-url", "ws://127.0.0.1:1/ws"], "--auth-secret"),
-        (["run", "--set", "timing.nope=1"], "unknown setting"),
-        (["run", "--set", "timing.response_ms=fast"], "expected a value like"),
+        (["run", "--set", "timing.nope=1"], "--set: unknown key 'timing.nope'"),
+        (["run", "--set", "timing.response_ms=fast"], "--set: timing.response_ms must be a whole number (got 'fast')"),
+        (["run", "--profile", "weekly"], "profile 'weekly' (from --profile) is not defined"),
+        (["run", "--config", "missing.toml"], "--config missing.toml: no such file"),
         (["run", "--server-url", "ws://127.0.0.1:1/ws", "--server-cmd", "x", "--auth-secret", "s"], "exclude each other"),
     ],
 )
@@ -108,7 +110,7 @@ def test_cli_server_that_dies_by_itself_is_a_liveness_violation(tmp_path: Path) 
     """A server that exits mid-run fails the run (exit 1), named as liveness, not as a harness error."""
     db = tmp_path / "s.db"
     # The server runs for three seconds, then is killed from inside its own command.
-    cmd = (f"{sys.executable} -m agentserver --port 0 --db {db} & pid=$!; sleep 3; kill -9 $pid; wait $pid")
+    cmd = (f"{sys.executable} -m partywall_agentserver --port 0 --db {db} & pid=$!; sleep 3; kill -9 $pid; wait $pid")
     report = tmp_path / "r.json"
     proc = partywall("run", "--profile", "ci", "--server-cmd", cmd, "--auth-secret", "d" * 32, "--report", str(report),
                      "--set", "shrink_seconds=5", cwd=tmp_path, timeout=200)
@@ -131,12 +133,65 @@ def test_cli_adapter_seam_carries_every_frame(tmp_path: Path) -> None:
     import os
 
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-m", "partywall.cli", "run", "--adapter", "counting_adapter:Counting",
-                           "--set", "profiles.dev.max_examples=3"], capture_output=True, text=True, timeout=120,
-                          cwd=tmp_path, env=env)
+    proc = subprocess.run([sys.executable, "-m", "partywall.cli", "run", "--profile", "smoke", "--adapter",
+                           "counting_adapter:Counting", "--set", "profiles.smoke.max_examples=3"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     sent = (tmp_path / "encoded.log").read_text().split()
     assert "start_agent" in sent and len(sent) > 5
     bad = subprocess.run([sys.executable, "-m", "partywall.cli", "run", "--adapter", "json:loads"],
                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert bad.returncode == 2 and "not a subclass" in bad.stderr
+
+
+def test_cli_settings_reach_a_launched_server(tmp_path: Path) -> None:
+    """`--set server_ready_timeout_s` bounds the wait for a launched server's ready line."""
+    proc = partywall("run", "--profile", "smoke", "--server-cmd", "sleep 30", "--auth-secret", "s" * 32,
+                     "--set", "server_ready_timeout_s=1.5", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "within 1.5 s" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_project_file_and_environment_layer_over_the_defaults(tmp_path: Path) -> None:
+    """What `partywall config` prints is what the layers make of a project file, a variable and an option."""
+    import os
+
+    (tmp_path / "pyproject.toml").write_text("[tool.partywall]\nprofile = 'nightly'\nshrink_seconds = 7\n")
+    sub = tmp_path / "service" / "tests"
+    sub.mkdir(parents=True)
+    env = {**os.environ, "PARTYWALL_AUTH_SECRET": "hunter2", "PARTYWALL_SET": "timing.ack_ms=111"}
+    env.pop("CI", None)
+    proc = subprocess.run([sys.executable, "-m", "partywall.cli", "config", "--set", "shrink_seconds=9"],
+                          capture_output=True, text=True, timeout=60, cwd=sub, env=env)
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines()[1:] if line.strip()}
+    project = str((tmp_path / "pyproject.toml").resolve())
+    assert rows["profile"] == ['"nightly"', project]
+    assert rows["shrink_seconds"] == ["9.0", "--set"]
+    assert rows["timing.ack_ms"] == ["111", "PARTYWALL_SET"]
+    assert rows["timing.history_ms"][1:] == ["partywall", "defaults"]
+    assert rows["--auth-secret"] == ["********", "PARTYWALL_AUTH_SECRET"] and "hunter2" not in proc.stdout
+
+
+def test_cli_output_is_partywalls_own(tmp_path: Path) -> None:
+    """A run prints partywall's summary and verdict, none of pytest's or Hypothesis's machinery."""
+    proc = partywall("run", "--profile", "smoke", "--set", "profiles.smoke.max_examples=2", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    out = proc.stdout + proc.stderr
+    assert "partywall run: PASSED, every invariant held." in proc.stdout
+    for word in ("PytestConfigWarning", "deselected", "docs.pytest.org", "passed in", "[100%]", "Traceback"):
+        assert word not in out, word
+
+
+def test_cli_pytest_runs_the_properties_by_import_name(tmp_path: Path) -> None:
+    """`pytest --pyargs partywall_props` with the plugin's options, from a folder that is not the checkout."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--pyargs", "partywall_props", "-p", "no:cacheprovider",
+                           "--partywall-profile", "smoke", "--partywall-set", "profiles.smoke.max_examples=2",
+                           "--partywall-report", "r.json"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "1 passed" in proc.stdout and "profile smoke, seed 7" in proc.stdout
+    assert json.loads((tmp_path / "r.json").read_text())["ok"] is True

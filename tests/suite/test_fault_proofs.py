@@ -1,7 +1,7 @@
 """Proofs that each invariant can fail: the generated suite finds each planted fault.
 
 Rules: each proof starts the reference server with one planted fault
-(`agentserver/faults.py`, selected with ``--fault`` at start), runs
+(`partywall_agentserver/faults.py`, selected with ``--fault`` at start), runs
 ``partywall run --profile ci`` against it exactly as a user would (the
 generated state machine, not a scripted scenario), and requires exit 1, a
 violation of the invariant that fault breaks, a shrunk program of a few
@@ -46,7 +46,7 @@ FAULTS = {
 
 def run_against_fault(tmp_path: Path, fault: str, server_opts: str, opts: tuple[str, ...]) -> tuple[int, dict, str, float]:
     db = tmp_path / "server.db"
-    cmd = f"{sys.executable} -m agentserver --port 0 --db {db} --fault {fault} {server_opts}"
+    cmd = f"{sys.executable} -m partywall_agentserver --port 0 --db {db} --fault {fault} {server_opts}"
     report = tmp_path / "report.json"
     started = time.monotonic()
     proc = subprocess.run(

@@ -13,12 +13,12 @@ import json
 from typing import Any
 
 import pytest
+from partywall_props.invariants import INVARIANTS, percentile_violations
+from partywall_props.model import Model
 
 from partywall.adapter import Adapter
 from partywall.checks import Checker
 from partywall.history import History
-from props.invariants import INVARIANTS, percentile_violations
-from props.model import Model
 
 M1 = "PWMabcdef0000001Z"
 M2 = "PWMabcdef0000002Z"

@@ -12,10 +12,7 @@ import unicodedata
 
 from hypothesis import find, given
 from hypothesis import strategies as st
-
-from partywall.adapter import MAX_CONTENT, MAX_ID, valid_id
-from partywall.markers import MARKER_LEN, MarkerMint, markers_in
-from strategies import (
+from partywall_strategies import (
     BAD_FRAME_KINDS,
     bad_frame,
     build_content,
@@ -24,6 +21,9 @@ from strategies import (
     tenant_bases,
     user_ids,
 )
+
+from partywall.adapter import MAX_CONTENT, MAX_ID, valid_id
+from partywall.markers import MARKER_LEN, MarkerMint, markers_in
 
 
 @given(tenant_bases(), user_ids())

@@ -1,4 +1,4 @@
-"""`python -m agentserver`: the command line of the reference agent server.
+"""`python -m partywall_agentserver`: the command line of the reference agent server.
 
 Exit codes: 0 after SIGTERM (or SIGINT), 1 when the server cannot run
 (unusable or too new database, port in use), 2 for a usage error (bad
@@ -70,7 +70,7 @@ def _chunks(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m agentserver",
+        prog="partywall serve",
         description="The partywall reference agent server (PROTOCOL.md version 1).",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
