@@ -43,6 +43,11 @@ class Invariant:
     fn: CheckFn = attrs.field(repr=False)
     """The check itself."""
 
+    @property
+    def check(self) -> str:
+        """The check's own name (its function's), which reports carry beside the invariant's."""
+        return str(getattr(self.fn, "__name__", self.name))
+
 
 class InvariantRegistry:
     """Invariants by name, in registration order."""
@@ -107,6 +112,7 @@ class Checker:
     def __call__(self, event: Event, frame: Frame | None) -> None:
         for inv in self.invariants:
             for v in inv.fn(self.model, event, frame):
+                v.check = v.check or inv.check
                 self.record(v, event)
         self.model.apply(event, frame)
 

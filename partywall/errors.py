@@ -22,11 +22,14 @@ class TargetError(HarnessError):
 class Violation(AssertionError):
     """A guarantee of the protocol was broken; carries the invariant's name and evidence."""
 
-    def __init__(self, invariant: str, title: str, evidence: dict[str, Any] | None = None) -> None:
+    def __init__(self, invariant: str, title: str, evidence: dict[str, Any] | None = None,
+                 check: str | None = None) -> None:
         self.invariant = invariant
         self.title = title
         self.evidence = dict(evidence or {})
+        self.check = check
+        """The registered check that found it (one invariant has several); set by the checks engine."""
         super().__init__(f"[{invariant}] {title}")
 
     def to_json(self) -> dict[str, Any]:
-        return {"invariant": self.invariant, "title": self.title, "evidence": self.evidence}
+        return {"invariant": self.invariant, "check": self.check, "title": self.title, "evidence": self.evidence}

@@ -282,7 +282,7 @@ def threshold_violations(thresholds: Mapping[str, Mapping[str, Any]]) -> list[Vi
             evidence["n"] = t["n"]
         if "note" in t:
             evidence["note"] = t["note"]
-        out.append(Violation("timing", title, evidence))
+        out.append(Violation("timing", title, evidence, check=f"threshold_{name}"))
     return out
 
 
@@ -458,7 +458,8 @@ class BenchRun:
             if result.status is not None or not result.reason.startswith("no welcome within"):
                 self.checker.record(Violation(
                     "liveness", f"a valid token was refused at the handshake ({result.reason})",
-                    {"connection": name, "tenant": user.tenant, "user": p.user, "via": p.via}))
+                    {"connection": name, "tenant": user.tenant, "user": p.user, "via": p.via},
+                    check="valid_token_accepted"))
             return False
         t1 = self.clock.welcome.get(name, time.monotonic())
         self._ok(metric, (t1 - t0) * 1000.0)

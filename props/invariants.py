@@ -371,7 +371,7 @@ def percentile_violations(samples: dict[str, list[float]], limits: dict[str, Any
         if summary["p95"] > limit:
             out.append(Violation("timing", f"{op} p95 is {summary['p95']:.0f} ms, over the limit of {limit} ms",
                                  {"operation": op, "percentile": 95, "actual_ms": round(summary["p95"], 1),
-                                  "limit_ms": limit, "n": summary["n"]}))
+                                  "limit_ms": limit, "n": summary["n"]}, check="percentile_limits"))
     return out
 
 

@@ -313,7 +313,8 @@ class TenantMachine(RuleBasedStateMachine):
         if isinstance(result, Refused):
             self.outcome = f"{name} refused: {result.reason}"
             self.checker.record(Violation("liveness", f"a valid token was refused at the handshake ({result.reason})",
-                                          {"connection": name, "tenant": user.tenant.tid, "user": user.uid, "via": via}))
+                                          {"connection": name, "tenant": user.tenant.tid, "user": user.uid, "via": via},
+                                          check="valid_token_accepted"))
             # The ref still goes in the bundle (a closed connection): what a bundle holds
             # must not depend on the server's answers, or Hypothesis cannot replay a choice.
             return self._keep(ConnRef(name, user))

@@ -91,7 +91,7 @@ def test_bench_100_users(partywall_session: Session, partywall_run: Run, request
         print("\n" + format_summary(report))
         for path in written:
             print(f"wrote {path}")
-    found = [Violation(v["invariant"], v["title"], v.get("evidence")) for v in report["violations"]]
+    found = [Violation(v["invariant"], v["title"], v.get("evidence"), v.get("check")) for v in report["violations"]]
     for v in found:
         session.report(v)
     if not report["ok"]:
