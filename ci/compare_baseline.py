@@ -125,14 +125,13 @@ def compare(
     if report.get("error"):
         raise CannotCompare(f"the report says its run could not be made: {report['error']}")
 
+    _require_gated_metrics(baseline)
     rows: list[list[str]] = []
     regressions: list[str] = []
 
     for label, path in GATED_LATENCIES:
         base, cur = _get(baseline, path), _get(report, path)
-        if base is None:
-            rows.append([label, "-", _fmt(cur, "ms"), "-", "-", "not in baseline"])
-            continue
+        assert base is not None  # _require_gated_metrics
         allowed = max(base * (1 + tolerance), base + floor_ms)
         if cur is None:
             verdict = "REGRESSED (no successful samples)"
@@ -147,9 +146,7 @@ def compare(
     for name in GATED_RATES:
         label = f"{name} success rate"
         base, cur = _get(baseline, ("success_rate", name)), _get(report, ("success_rate", name))
-        if base is None:
-            rows.append([label, "-", _fmt(cur, "rate"), "-", "-", "not in baseline"])
-            continue
+        assert base is not None  # _require_gated_metrics
         allowed = base - rate_tolerance
         # A tiny epsilon so that 97/97 computed two ways never reads as a drop.
         if cur is None or cur < allowed - 1e-9:
@@ -162,9 +159,9 @@ def compare(
 
     label = "server peak RSS (MiB)"
     base, cur = _get(baseline, ("server", "rss_mib_peak")), _get(report, ("server", "rss_mib_peak"))
-    if base is None or cur is None:
-        # No server figures is legitimate (a remote server without --server-pid);
-        # the table shows it rather than failing or hiding it.
+    if cur is None:
+        # No server figures in the report is legitimate (a remote server without
+        # --server-pid); the table shows it rather than failing or hiding it.
         rows.append([label, _fmt(base, "MiB"), _fmt(cur, "MiB"), "-", "-", "not sampled"])
     else:
         allowed = max(base * (1 + rss_tolerance), base + rss_floor_mib)
@@ -173,6 +170,18 @@ def compare(
             regressions.append(f"{label}: {cur:,.1f} > allowed {allowed:,.1f} (baseline {base:,.1f})")
         rows.append([label, _fmt(base, "MiB"), _fmt(cur, "MiB"), _change(base, cur), _fmt(allowed, "MiB"), verdict])
     return rows, regressions
+
+
+def _require_gated_metrics(baseline: dict[str, Any]) -> None:
+    """CannotCompare unless the baseline holds every gated figure: a gate with a gap passes silently."""
+    paths = [path for _, path in GATED_LATENCIES] + [("success_rate", name) for name in GATED_RATES]
+    paths.append(("server", "rss_mib_peak"))
+    missing = [".".join(path) for path in paths if _get(baseline, path) is None]
+    if missing:
+        raise CannotCompare(
+            f"the baseline lacks gated figures ({', '.join(missing)}), so the gate could not check them; "
+            "record the baseline again where CI runs (see the README, 'The CI gate')."
+        )
 
 
 def _table(rows: list[list[str]]) -> str:

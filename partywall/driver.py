@@ -73,10 +73,14 @@ class Pending:
     done: trio.Event = attrs.field(factory=trio.Event)
     frames: list[Frame] = attrs.field(factory=list)
     timed_out: bool = False
+    replied: bool = False
+    """Completed by its final reply or an ``error`` (not by its connection closing)."""
 
     @property
     def final(self) -> Frame | None:
-        return self.frames[-1] if self.done.is_set() and self.frames else None
+        """The frame that completed the request; None while it waits and when its connection
+        closed first (an ``ack`` or chunk that came before is in ``frames``, not final)."""
+        return self.frames[-1] if self.replied else None
 
 
 @attrs.frozen
@@ -286,6 +290,7 @@ class Driver:
                     data={"latency_ms": (t - pending.t) * 1000.0, "frames": len(pending.frames)},
                 )
                 self._observe(done, frame)
+                pending.replied = True
                 pending.done.set()
                 del self.pending[pending.req_id]
         return frame

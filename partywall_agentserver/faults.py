@@ -13,12 +13,13 @@ from __future__ import annotations
 import logging
 import sqlite3
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 import attrs
 import trio
 
 from .agent import Agent
+from .auth import Authenticator, Principal
 from .connection import Connection
 from .hub import Hub
 from .protocol import TOO_LARGE, ProtocolError, RequestParser
@@ -76,6 +77,19 @@ class NotFoundNamesOwnerStorage(Storage):
 
 def not_found_names_owner(components: Components) -> Components:
     return attrs.evolve(components, storage=NotFoundNamesOwnerStorage)
+
+
+class CaseInsensitiveUserAuthenticator(Authenticator):
+    """Folds the case of user ids ("they are e-mail addresses, and people type them both ways")."""
+
+    @staticmethod
+    def check_claims(claims: dict[str, Any], now: float) -> Principal | None:
+        principal = Authenticator.check_claims(claims, now)
+        return None if principal is None else Principal(principal.tenant, principal.user.casefold())
+
+
+def case_insensitive_user(components: Components) -> Components:
+    return attrs.evolve(components, authenticator=CaseInsensitiveUserAuthenticator)
 
 
 # -- routing -----------------------------------------------------------------
@@ -243,6 +257,7 @@ FAULTS: Final[dict[str, Modifier]] = {
     "foreign_thread_lookup": foreign_thread_lookup,
     "assistant_by_name": assistant_by_name,
     "not_found_names_owner": not_found_names_owner,
+    "case_insensitive_user": case_insensitive_user,
     "sticky_subscription": sticky_subscription,
     "lazy_commit": lazy_commit,
     "queued_turn_double_reply": queued_turn_double_reply,

@@ -200,7 +200,10 @@ def threads_kept(model: Model, ev: Event, frame: Frame | None) -> Iterator[Viola
     req = _own_reply(model, ev, frame, "threads")
     if req is None or req.expect_threads is None or frame is None:
         return
-    listed = {t.get("thread_id") for t in frame.data.get("threads", []) if isinstance(t, dict)}
+    threads = frame.data.get("threads")
+    if not isinstance(threads, list):
+        return  # not a list: frames_match_schema reports the frame; nothing here to compare
+    listed = {t.get("thread_id") for t in threads if isinstance(t, dict)}
     for thread in sorted(req.expect_threads - listed):
         yield Violation("durability", "a thread the tenant started is missing from list_threads",
                         {**_where(model, ev), "thread_id": thread, "crashes_so_far": model.crashes})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,8 @@ def run_property(session: Session, machine: type[TenantMachine] = TenantMachine)
         if failure is None or failure["violation"] is None:
             raise
         found = Violation(**failure["violation"])
+        # Examples generated until the failure (the replays of shrinking count as examples too).
+        session.stats["found_at_example"] = session.stats.get("examples", 0)
         budget = float(session.config.get("shrink_seconds", 40))
         program, violation = shrink(session, machine, failure["program"], found, budget)
         k = sum(1 for _ in range(REPRODUCE_RUNS) if _same(replay(session, machine, program)[0], found))
@@ -59,7 +62,10 @@ def run_property(session: Session, machine: type[TenantMachine] = TenantMachine)
 
 
 def _same(caught: Violation | None, found: Violation) -> bool:
-    return caught is not None and caught.invariant == found.invariant
+    """The same finding: the same invariant and, where it is known, the same check, so that
+    shrinking and re-runs cannot slide onto another bug under the same invariant."""
+    return (caught is not None and caught.invariant == found.invariant
+            and (found.check is None or caught.check == found.check))
 
 
 #: Simpler values to try for a step's plain arguments, by argument name.
@@ -68,6 +74,11 @@ SIMPLER: dict[str, list[Any]] = {
     "via": ["header"], "abrupt": [False], "limit": [None], "i": [0],
     "plan": [{"content": ["short", ""]}],
 }
+
+
+#: Runs a candidate program: (the violation it raised or None, each step's outcome);
+#: raises HarnessError when the candidate is not a valid program. `replay`, bound to a session.
+Replay = Callable[[list[dict[str, Any]]], tuple[Violation | None, list[str]]]
 
 
 def shrink(session: Session, machine: type[TenantMachine], program: list[dict[str, Any]], found: Violation,
@@ -80,11 +91,36 @@ def shrink(session: Session, machine: type[TenantMachine], program: list[dict[st
     single steps), then simpler argument values, keeping a candidate only if
     it fails with the *same invariant* (so shrinking cannot slide onto
     another bug), and stops when the budget is spent, keeping the best so far.
+    The work is `shrink_program`'s; this runs its candidates with `replay`
+    and records the steps found and kept and the seconds taken in ``session.stats``.
     """
-    deadline = time.monotonic() + budget_s
-    started = time.monotonic()
-    best, best_v = list(program), found
     session.stats["found_steps"] = len(program)
+    best, best_v, stats = shrink_program(program, found, lambda candidate: replay(session, machine, candidate),
+                                         budget_s)
+    session.stats.update(stats)
+    return best, best_v
+
+
+def shrink_program(program: list[dict[str, Any]], found: Violation, run: Replay, budget_s: float,
+                   clock: Callable[[], float] = time.monotonic,
+                   ) -> tuple[list[dict[str, Any]], Violation, dict[str, Any]]:
+    """The shrunk program, its violation, and ``found_steps``, ``shrunk_steps`` and ``shrink_s``.
+
+    In order: cut the steps after the one during which the violation was seen
+    (``found.evidence["step"]``, 1-based); drop every step of one rule at once,
+    rule by rule; remove halves, quarters... single steps; try the `SIMPLER`
+    argument values. The opening `world` step is never removed. A candidate is
+    kept only if ``run`` raises the same invariant with it, tried up to three
+    times (a failure against a live server may not reproduce every time), and
+    is kept as far as ``run`` got (its outcomes, written into each step's
+    ``then``); a candidate ``run`` refuses with HarnessError is not a valid
+    program. The cut always runs; after it, once ``clock`` reaches the budget
+    no further candidate is started and the best so far is returned.
+    ``run`` and ``clock`` are its only contact with the world (tests script both).
+    """
+    deadline = clock() + budget_s
+    started = clock()
+    best, best_v = list(program), found
 
     def fails(candidate: list[dict[str, Any]]) -> tuple[Violation, list[dict[str, Any]]] | None:
         """(the violation, the steps that ran) when the candidate breaks the same invariant."""
@@ -93,7 +129,7 @@ def shrink(session: Session, machine: type[TenantMachine], program: list[dict[st
         # undo a step. A candidate that fails at the first try costs one run.
         for _ in range(3):
             try:
-                caught, outcomes = replay(session, machine, candidate)
+                caught, outcomes = run(candidate)
             except HarnessError:
                 return None  # a step refers to something a removed step made: not a valid program
             if _same(caught, found):
@@ -118,16 +154,16 @@ def shrink(session: Session, machine: type[TenantMachine], program: list[dict[st
     # Then drop whole kinds of step at once (every ping, every bad frame, every crash...):
     # one run each, and most kinds have nothing to do with the failure.
     for kind in sorted({step["rule"] for step in best[first:]}, key=lambda k: -sum(st["rule"] == k for st in best)):
-        if time.monotonic() >= deadline:
+        if clock() >= deadline:
             break
         candidate = [dict(step) for i, step in enumerate(best) if i < first or step["rule"] != kind]
         result = fails(candidate) if len(candidate) < len(best) else None
         if result is not None:
             best_v, best = result
     chunk = max(1, (len(best) - first) // 2)
-    while chunk >= 1 and time.monotonic() < deadline:
+    while chunk >= 1 and clock() < deadline:
         i, removed = first, False
-        while i < len(best) and time.monotonic() < deadline:
+        while i < len(best) and clock() < deadline:
             candidate = [dict(step) for step in best[:i] + best[i + chunk:]]
             result = fails(candidate) if candidate else None
             if result is not None:
@@ -141,16 +177,15 @@ def shrink(session: Session, machine: type[TenantMachine], program: list[dict[st
             break
         for name, value in list(best[idx]["args"].items()):
             for simpler in SIMPLER.get(name, []):
-                if time.monotonic() >= deadline or value == simpler:
+                if clock() >= deadline or value == simpler:
                     break
                 candidate = [dict(s, args=dict(s["args"])) for s in best]
                 candidate[idx]["args"][name] = simpler
                 result = fails(candidate)
                 if result is not None and len(result[1]) > idx:
                     best_v, best = result
-    session.stats["shrink_s"] = round(time.monotonic() - started, 1)
-    session.stats["shrunk_steps"] = len(best)
-    return best, best_v
+    stats = {"found_steps": len(program), "shrink_s": round(clock() - started, 1), "shrunk_steps": len(best)}
+    return best, best_v, stats
 
 
 def _rate(session: Session) -> float | None:

@@ -90,3 +90,17 @@ def test_compare_baseline_refuses_other_plans_and_bad_files(tmp_path: Path) -> N
                           capture_output=True, text=True, timeout=20)
     assert done.returncode == 2 and "is not JSON" in done.stderr
     assert _run(tmp_path, baseline, baseline, "--tolerance", "-1").returncode == 2
+
+
+@pytest.mark.parametrize("path", [("latency_ms", "agent_startup", "p99"), ("success_rate", "overall"),
+                                  ("server", "rss_mib_peak")])
+def test_compare_baseline_refuses_a_baseline_without_a_gated_figure(tmp_path: Path, path: tuple[str, ...]) -> None:
+    baseline, _ = make_bench_report(rng_seed=1)
+    report, _ = make_bench_report(rng_seed=2)
+    node = baseline
+    for key in path[:-1]:
+        node = node[key]
+    del node[path[-1]]
+    done = _run(tmp_path, report, baseline)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "the baseline lacks gated figures (" + ".".join(path) + ")" in done.stderr

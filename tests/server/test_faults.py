@@ -47,6 +47,16 @@ def test_fault_assistant_by_name_shares_assistants_across_tenants(start_server: 
     run(main)
 
 
+def test_fault_case_insensitive_user_folds_the_welcomes_user(start_server: Any) -> None:
+    server = start_server(*FAST, "--fault", "case_insensitive_user")
+
+    async def main() -> None:
+        async with open_client(server, "acme", "Alice") as upper, open_client(server, "acme", "alice") as lower:
+            assert upper.welcome["user"] == lower.welcome["user"] == "alice"
+
+    run(main)
+
+
 def test_fault_not_found_names_owner_tells_foreign_from_missing(start_server: Any) -> None:
     server = start_server(*FAST, "--fault", "not_found_names_owner")
 

@@ -40,9 +40,12 @@ class Sim:
         event = self.history.append(kind, op, t=self.t, conn=conn, req_id=req_id, data=data or {}, raw=raw)
         self.checker(event, parsed)
 
-    def connect(self, conn: str, tenant: str, user: str = "alice", token_kind: str = "valid") -> None:
+    def connect(self, conn: str, tenant: str, user: str = "alice", token_kind: str = "valid",
+                welcome: dict[str, Any] | None = None) -> None:
+        """Open ``conn`` with a token for ``tenant``/``user``; ``welcome`` overrides fields of the server's welcome."""
         self.ev("invoke", "connect", conn, data={"tenant": tenant, "user": user, "via": "header", "token_kind": token_kind})
-        welcome = {"type": "welcome", "protocol": 1, "tenant": tenant, "user": user, "connection_id": f"cid-{conn}", "server_time": 1.0}
+        welcome = {"type": "welcome", "protocol": 1, "tenant": tenant, "user": user, "connection_id": f"cid-{conn}",
+                   "server_time": 1.0, **(welcome or {})}
         self.ev("frame", "welcome", conn, frame=welcome)
         self.ev("ok", "connect", conn, data={"welcome": welcome, "latency_ms": 1.0})
 
@@ -78,6 +81,10 @@ class Sim:
     def names(self) -> set[str]:
         return {f.violation.invariant for f in self.checker.found}
 
+    def by_check(self) -> list[tuple[str, str | None, str]]:
+        """(invariant, check, title) of each violation found, in order."""
+        return [(f.violation.invariant, f.violation.check, f.violation.title) for f in self.checker.found]
+
 
 def two_tenants_with_a_turn() -> Sim:
     s = Sim()
@@ -111,7 +118,7 @@ def test_isolation_foreign_marker_and_id() -> None:
     assert any("marker" in t for t in titles) and any("thread_id" in t for t in titles)
 
 
-def test_isolation_unknown_user_and_refused_token_and_welcome() -> None:
+def test_isolation_unknown_user_and_refused_token() -> None:
     s = Sim()
     s.connect("c0", "acme", "alice")
     s.connect("c1", "globex", "bob", token_kind="expired")
@@ -235,3 +242,117 @@ def test_protocol_wrong_error_code_for_oversized_content() -> None:
     s.ev("fail", "user_message", "c0", "r1", data={"latency_ms": 1.0},
          frame={"type": "error", "re": "r1", "code": "too_large", "message": "big"})
     assert any("bad_request" in t for n, t in s.found() if n == "protocol")
+
+
+# -- one history per check no other test here depends on (test_check_mutations.py finds them) --------
+
+
+def welcomed(welcome: dict[str, Any] | None) -> Sim:
+    """Two tenants that both have an ``alice``; globex's welcome carries ``welcome``'s fields."""
+    s = Sim()
+    s.connect("c0", "acme", "alice")
+    s.connect("c1", "globex", "alice", welcome=welcome)
+    return s
+
+
+@pytest.mark.parametrize("welcome", [{"tenant": "acme"}, {"user": "bob"}, {"tenant": "Globex"}],
+                         ids=["other_tenant", "other_user", "tenant_case"])
+def test_isolation_welcome_naming_another_identity(welcome: dict[str, Any]) -> None:
+    s = welcomed(welcome)
+    assert s.by_check() == [("isolation", "identity_as_token", "the welcome names another identity than the token")]
+    (f,) = s.checker.found
+    assert f.violation.evidence["token"] == {"tid": "globex", "sub": "alice"}
+    assert f.violation.evidence["welcome"]["tenant"] == welcome.get("tenant", "globex")
+    assert welcomed(None).by_check() == []
+
+
+def listed(threads: list[str]) -> Sim:
+    """acme starts T1 and T2 and lists its threads (``threads`` listed); globex, with none, lists its own."""
+    s = two_tenants_with_a_turn()
+    s.start("c0", "r2", "T2")
+    counts = {"T1": 2, "T2": 0}
+    s.request("c0", "r3", "list_threads")
+    s.reply("c0", "r3", {"type": "threads", "threads": [
+        {"thread_id": t, "assistant": "helper", "created_at": 1.0, "message_count": counts[t]} for t in threads]}, final="ok")
+    s.request("c1", "r4", "list_threads")
+    s.reply("c1", "r4", {"type": "threads", "threads": []}, final="ok")
+    return s
+
+
+def test_durability_thread_missing_from_list_threads() -> None:
+    s = listed(["T1"])
+    assert s.by_check() == [("durability", "threads_kept", "a thread the tenant started is missing from list_threads")]
+    assert s.checker.found[0].violation.evidence["thread_id"] == "T2"
+    assert listed(["T1", "T2"]).by_check() == []
+
+
+def streamed(seqs: list[int]) -> Sim:
+    """One turn whose three chunks arrive in the order ``seqs``, all of them, adding up to the reply."""
+    s = Sim()
+    s.connect("c0", "acme")
+    s.start("c0", "r0", "T1")
+    s.request("c0", "r1", "user_message", thread_id="T1", content="ab")
+    s.reply("c0", "r1", {"type": "ack", "thread_id": "T1", "message_id": "m1"})
+    deltas = {0: "echo: ", 1: "a", 2: "b"}
+    for seq in seqs:
+        s.reply("c0", "r1", {"type": "agent_chunk", "thread_id": "T1", "seq": seq, "delta": deltas[seq]})
+    s.reply("c0", "r1", {"type": "agent_response", "thread_id": "T1", "message_id": "m2", "content": "echo: ab"})
+    s.ev("ok", "user_message", "c0", "r1", data={"latency_ms": 80.0})
+    return s
+
+
+def test_ordering_chunk_arriving_after_a_later_seq() -> None:
+    s = streamed([0, 2, 1])
+    assert s.by_check() == [("ordering", "chunks_in_order", "chunk seq 1 arrived after seq 2")]
+    assert streamed([0, 1, 2]).by_check() == []
+
+
+def audited(answered: bool) -> Sim:
+    """acme's second message is acked, then its connection closes mid-turn; an auditor reads the thread.
+
+    The server must still store the reply (PROTOCOL.md: a started turn finishes). When it
+    has not, the history ends with the user message and the audit notes it unanswered.
+    """
+    s = two_tenants_with_a_turn()
+    s.request("c0", "r3", "user_message", thread_id="T1", content="second")
+    s.reply("c0", "r3", {"type": "ack", "thread_id": "T1", "message_id": "m3"})
+    s.ev("info", "closed", "c0", data={"reason": "closed by the suite", "code": None})
+    s.ev("info", "user_message", "c0", "r3", data={"reason": "connection closed"})
+    s.connect("a0", "acme", "auditor")
+    s.request("a0", "r4", "get_history", thread_id="T1")
+    messages = [
+        {"message_id": "m1", "role": "user", "user": "alice", "content": f"{M1} hello", "created_at": 1.0},
+        {"message_id": "m2", "role": "assistant", "content": f"echo: {M1} hello", "created_at": 1.1},
+        {"message_id": "m3", "role": "user", "user": "alice", "content": "second", "created_at": 1.2},
+    ]
+    if answered:
+        messages.append({"message_id": "m4", "role": "assistant", "content": "echo: second", "created_at": 1.3})
+    s.reply("a0", "r4", {"type": "history", "thread_id": "T1", "messages": messages}, final="ok")
+    if not answered:
+        s.ev("info", "audit_unanswered", "a0", data={"thread_id": "T1", "message_id": "m3", "waited_s": 10.0})
+    return s
+
+
+def test_ordering_audit_finds_a_message_never_answered() -> None:
+    s = audited(answered=False)
+    assert s.by_check() == [("ordering", "chunks_in_order", "a stored user message has no reply after the run settled")]
+    assert s.checker.found[0].violation.evidence["message_id"] == "m3"
+    assert audited(answered=True).by_check() == []
+
+
+def oversized(close_code: int) -> Sim:
+    """c0 sends a frame over 64 KiB, gets too_large without re, and the server closes with ``close_code``."""
+    s = Sim()
+    s.connect("c0", "acme")
+    s.ev("invoke", "raw", "c0", "r1", data={"note": "oversize", "size": 65_600, "readable": False, "expect": "too_large"})
+    s.ev("frame", "error", "c0", frame={"type": "error", "code": "too_large", "message": "The message is over 64 KiB."})
+    s.ev("info", "closed", "c0", data={"reason": f"closed by the server (code {close_code})", "code": close_code})
+    return s
+
+
+@pytest.mark.parametrize("close_code", [1000, 1011])
+def test_protocol_oversize_closed_with_another_code(close_code: int) -> None:
+    s = oversized(close_code)
+    assert s.by_check() == [("protocol", "oversize_closes_1009",
+                             f"after an oversized frame the server closed with {close_code}, not 1009")]
+    assert oversized(1009).by_check() == []

@@ -1,0 +1,414 @@
+"""The shrinker, stage by stage, against scripted replays.
+
+Rules: no sockets and no server. `shrink_program` is given a `Scripted`
+replay, a plain function that decides from the candidate program alone
+whether it fails, with which invariant and during which step, and records
+every candidate it is given; and a fake clock, so nothing depends on how fast
+the machine is. Programs are written as `TenantMachine` records them (rule,
+arguments through the machine's own `encode_arg`, ``then``, ``made``), and
+the scripted replay refuses a step naming a connection no earlier step made,
+as `replay` does. Each test asserts the exact program the shrinker returns
+and what it refused, and each fails when the stage it names is taken out of
+the shrinker (the tests say how: by the result, or by the order and number of
+the replays). No wall-clock bounds.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable, Iterable
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pytest
+from partywall_props import runner
+from partywall_props.machine import ConnRef, TenantMachine, TenantRef, UserRef, encode_arg
+from partywall_props.runner import shrink, shrink_program
+from partywall_strategies import ContentPlan
+
+from partywall.errors import HarnessError, Violation
+from partywall.session import Session
+
+Step = dict[str, Any]
+Program = list[Step]
+#: What the scripted server does with a candidate: None (it passes), or the invariant
+#: broken and the index of the step during which it was seen (the replay stops there).
+Verdict = Callable[[Program], "tuple[str, int] | tuple[str, int, str] | None"]
+
+T0 = TenantRef("t0", "pw3f2a1ce0-Acme")
+T1 = TenantRef("t1", "pw3f2a1ce0-acme")
+C0 = ConnRef("c0", UserRef("alice", T0, "alice"))
+C1 = ConnRef("c1", UserRef("bob", T0, "bob"))
+C2 = ConnRef("c2", UserRef("alice", T1, "alice"))
+C3 = ConnRef("c3", UserRef("alice", T1, "alice"))
+SHORT = ContentPlan("short", "")
+NEVER = 60.0  # a budget the frozen clock never uses up
+
+
+def frozen() -> float:
+    return 0.0
+
+
+def step(rule: str, made: Iterable[str] = (), **args: Any) -> Step:
+    """A step as `recorded` writes it."""
+    return {"rule": rule, "args": {k: encode_arg(v) for k, v in args.items()}, "then": "recorded",
+            "made": list(made)}
+
+
+def world(first: str = "acme", second: str = "globex", via: str = "header") -> Step:
+    """The opening step (plain arguments: the `SIMPLER` values, so it is left as it is)."""
+    return step("world", made=["t0", "t1", "c0", "c1", "c2", "th0", "th1"], first=first, second=second, via=via)
+
+
+def key(s: Step) -> str:
+    """What a step is, ignoring what it did (``then``, which the shrinker rewrites)."""
+    return json.dumps([s["rule"], s["args"]], sort_keys=True)
+
+
+def keys(program: Program) -> list[str]:
+    return [key(s) for s in program]
+
+
+def has(program: Program, s: Step) -> bool:
+    return key(s) in keys(program)
+
+
+def refs(value: Any) -> list[str]:
+    if isinstance(value, dict) and "ref" in value:
+        return [value["ref"]]
+    if isinstance(value, dict):
+        return [r for v in value.values() for r in refs(v)]
+    if isinstance(value, list | tuple):
+        return [r for v in value for r in refs(v)]
+    return []
+
+
+class Clock:
+    """A clock that moves only when a replay runs (one second each)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Scripted:
+    """Stands in for `replay` against a live server: the verdict decides, every run is kept."""
+
+    def __init__(self, verdict: Verdict, clock: Clock | None = None) -> None:
+        self.verdict = verdict
+        self.clock = clock
+        self.runs: list[Program] = []
+        """Each candidate as it was given (copies: the shrinker rewrites ``then`` afterwards)."""
+        self.answers: list[str | None] = []
+        """For each run: the invariant it broke, None when it passed, "refused" on HarnessError."""
+
+    def __call__(self, candidate: Program) -> tuple[Violation | None, list[str]]:
+        self.runs.append(copy.deepcopy(candidate))
+        if self.clock is not None:
+            self.clock.now += 1.0
+        made: set[str] = set()
+        for s in candidate:
+            missing = [r for r in refs(s["args"]) if r not in made]
+            if missing:
+                self.answers.append("refused")
+                raise HarnessError(f"the replay refers to {missing[0]!r}, which no earlier step made.")
+            made.update(s["made"])
+        verdict = self.verdict(candidate)
+        self.answers.append(None if verdict is None else verdict[0])
+        if verdict is None:
+            return None, [f"replayed {s['rule']}" for s in candidate]
+        invariant, at, *check = verdict
+        # Like `replay`: it stops after the step during which the violation was seen.
+        return (Violation(invariant, f"{invariant} broken (scripted)", {"step": at + 1},
+                          check=check[0] if check else "scripted"),
+                [f"replayed {s['rule']}" for s in candidate[: at + 1]])
+
+    def runs_of(self, program: Program) -> list[str | None]:
+        """The answers to every run of exactly this program, in order."""
+        return [a for c, a in zip(self.runs, self.answers, strict=True) if keys(c) == keys(program)]
+
+
+def when_all(*needed: Step, invariant: str = "isolation") -> Verdict:
+    """Fails when every needed step is in the candidate, seen during the last of them."""
+
+    def verdict(candidate: Program) -> tuple[str, int] | None:
+        at = [keys(candidate).index(key(s)) for s in needed if has(candidate, s)]
+        return (invariant, max(at)) if len(at) == len(needed) else None
+
+    return verdict
+
+
+def found(program: Program, invariant: str = "isolation", step: int | None = None) -> Violation:
+    """The violation the generating run saw (by default during the program's last step)."""
+    return Violation(invariant, f"{invariant} broken while generating",
+                     {"step": len(program) if step is None else step}, check="scripted")
+
+
+# A thread in the second tenant (A), and the first tenant naming it (B): the leak.
+A = step("start_agent", made=["th2"], conn=C2, assistant="helper")
+B = step("probe", conn=C0, thread=2, request="get_history", plan=SHORT)
+
+
+def fillers(positions: Iterable[int]) -> dict[int, Step]:
+    """Unrelated steps: agent starts at every third position, probes elsewhere."""
+    out: dict[int, Step] = {}
+    threads = iter(range(3, 8))
+    for p in positions:
+        if p % 3 == 0:
+            out[p] = step("start_agent", made=[f"th{next(threads)}"], conn=C0 if p % 2 else C1, assistant="support")
+        else:
+            out[p] = step("probe", conn=C1 if p % 2 else C2, thread=p % 2, request="join_thread",
+                          plan=ContentPlan("short", f"filler {p}"))
+    return out
+
+
+def test_shrinker_keeps_exactly_the_two_steps_that_fail_together() -> None:
+    """Delta debugging (halves first) from world + 20 steps to world + the two steps that matter."""
+    steps = fillers(p for p in range(1, 21) if p not in (3, 20)) | {3: A, 20: B}
+    program = [world()] + [steps[p] for p in range(1, 21)]
+    before = copy.deepcopy(program)
+    server = Scripted(when_all(A, B))
+
+    best, violation, stats = shrink_program(program, found(program), server, NEVER, clock=frozen)
+
+    assert keys(best) == keys([world(), A, B])
+    assert violation.invariant == "isolation" and violation.title == "isolation broken (scripted)"
+    assert stats["found_steps"] == 21 and stats["shrunk_steps"] == 3
+    assert program == before  # the shrinker works on copies
+    # Both kinds of step hold a needed one, so dropping a kind never reproduces. The first
+    # candidate holding both kinds is the delta stage's first: steps 1-10 removed at once
+    # (one at a time, it would be steps 2-20).
+    delta = [c for c in server.runs if {s["rule"] for s in c[1:]} == {"start_agent", "probe"}]
+    assert keys(delta[0]) == keys([world()] + [steps[p] for p in range(11, 21)])
+
+
+def test_shrinker_refuses_a_candidate_that_fails_another_invariant() -> None:
+    """Without A the probe still fails, but as a protocol error: that must not replace the leak."""
+    other = step("talk", conn=C1, i=0, plan=SHORT)
+
+    def verdict(candidate: Program) -> tuple[str, int] | None:
+        if not has(candidate, B):
+            return None
+        return ("isolation" if has(candidate, A) else "protocol"), keys(candidate).index(key(B))
+
+    program = [world(), other, A, other, other, B]
+    server = Scripted(verdict)
+
+    best, violation, _ = shrink_program(program, found(program), server, NEVER, clock=frozen)
+
+    assert keys(best) == keys([world(), A, B])
+    assert violation.invariant == "isolation"
+    # Proposed twice (as a dropped kind, then a dropped step), run three times each: refused.
+    assert server.runs_of([world(), B]) == ["protocol"] * 6
+
+
+def test_shrinker_refuses_a_candidate_that_another_check_of_the_invariant_catches() -> None:
+    """Without A the probe still breaks isolation, but another check finds it: not the same bug."""
+    other = step("talk", conn=C1, i=0, plan=SHORT)
+
+    def verdict(candidate: Program) -> tuple[str, int, str] | None:
+        if not has(candidate, B):
+            return None
+        return "isolation", keys(candidate).index(key(B)), "scripted" if has(candidate, A) else "another_check"
+
+    program = [world(), other, A, other, other, B]
+    server = Scripted(verdict)
+
+    best, violation, _ = shrink_program(program, found(program), server, NEVER, clock=frozen)
+
+    assert keys(best) == keys([world(), A, B])
+    assert (violation.invariant, violation.check) == ("isolation", "scripted")
+    assert server.runs_of([world(), B]) == ["isolation"] * 6
+
+
+def test_shrinker_retries_a_candidate_that_passed_once() -> None:
+    """A flaky server: the minimal program fails every other run, starting with a pass."""
+    extra = step("start_agent", made=["th3"], conn=C1, assistant="support")
+    minimal = [world(), A, B]
+    runs = 0
+
+    def verdict(candidate: Program) -> tuple[str, int] | None:
+        nonlocal runs
+        failing = when_all(A, B)(candidate)
+        if failing is not None and keys(candidate) == keys(minimal):
+            runs += 1
+            return failing if runs % 2 == 0 else None
+        return failing
+
+    program = [world(), A, extra, B]
+    server = Scripted(verdict)
+
+    best, violation, _ = shrink_program(program, found(program), server, NEVER, clock=frozen)
+
+    assert keys(best) == keys(minimal)
+    assert violation.invariant == "isolation"
+    assert server.runs_of(minimal) == [None, "isolation"]  # passed once, retried, failed: kept
+
+
+def test_shrinker_keeps_the_original_when_no_candidate_reproduces() -> None:
+    """A failure that never comes back: every candidate is run three times, then given up on."""
+    program = [world(), A, step("start_agent", made=["th3"], conn=C1, assistant="support"), B]
+    before = copy.deepcopy(program)
+    seen = found(program)
+    server = Scripted(lambda candidate: None)
+
+    best, violation, stats = shrink_program(program, seen, server, NEVER, clock=frozen)
+
+    assert best == before and violation is seen
+    assert stats["found_steps"] == stats["shrunk_steps"] == 4
+    assert server.runs and set(server.answers) == {None}
+    assert len(server.runs) % 3 == 0
+    for i in range(0, len(server.runs), 3):  # each candidate three times in a row
+        assert keys(server.runs[i]) == keys(server.runs[i + 1]) == keys(server.runs[i + 2])
+        assert i == 0 or keys(server.runs[i]) != keys(server.runs[i - 1])
+
+
+def test_shrinker_stops_at_the_budget_with_the_best_so_far() -> None:
+    """Two replays fit the budget: the two most common kinds go, then the shrinker stops."""
+    read = [step("read_history", conn=C0, thread=t, limit=None) for t in range(6)]
+    talk = [step("talk", conn=C0, i=i, plan=SHORT) for i in range(4)]
+    settle = step("settle")
+    leak = step("probe", conn=C0, thread=1, request="join_thread", plan=SHORT)
+    program = [world(), read[0], talk[0], read[1], settle, read[2], talk[1], read[3],
+               talk[2], settle, read[4], talk[3], read[5], leak]
+    clock = Clock()
+    server = Scripted(when_all(leak), clock)
+
+    best, _, stats = shrink_program(program, found(program), server, 2.0, clock=clock)
+
+    assert len(server.runs) == 2 and server.answers == ["isolation", "isolation"]
+    assert keys(best) == keys([world(), settle, settle, leak])  # the settle steps would go next
+    assert stats["shrink_s"] == 2.0  # the injected clock, not the wall's
+
+
+def test_shrinker_drops_a_whole_kind_of_step_in_one_replay() -> None:
+    """Every history read goes in the first replay."""
+    reads = [step("read_history", conn=C1, thread=t, limit=3) for t in range(8)]
+    program = [world(), *reads[:4], A, *reads[4:], B]
+    server = Scripted(when_all(A, B))
+
+    best, _, _ = shrink_program(program, found(program), server, NEVER, clock=frozen)
+
+    assert keys(server.runs[0]) == keys([world(), A, B]) and server.answers[0] == "isolation"
+    assert keys(best) == keys([world(), A, B])
+
+
+def test_shrinker_simplifies_arguments_the_failure_does_not_need() -> None:
+    """Any message breaks it: the world's tenants and the message take the simplest values."""
+    message = step("talk", conn=C0, i=5, plan=ContentPlan("around_8k", "x" * 8192))
+    program = [world(first="Acme", second="acme", via="query"), step("read_history", conn=C1, thread=0, limit=3),
+               message]
+    server = Scripted(lambda c: ("protocol", [s["rule"] for s in c].index("talk"))
+                      if any(s["rule"] == "talk" for s in c) else None)
+
+    best, _, _ = shrink_program(program, found(program, "protocol"), server, NEVER, clock=frozen)
+
+    assert [s["args"] for s in best] == [
+        {"first": "acme", "second": "globex", "via": "header"},
+        {"conn": {"ref": "c0"}, "i": 0, "plan": {"content": ["short", ""]}},
+    ]
+
+
+def test_shrinker_keeps_arguments_the_failure_needs() -> None:
+    """Breaks only for a message one byte over the limit between tenants equal but for case."""
+
+    def verdict(candidate: Program) -> tuple[str, int] | None:
+        first, second = candidate[0]["args"]["first"], candidate[0]["args"]["second"]
+        talk = [i for i, s in enumerate(candidate) if s["rule"] == "talk"
+                and s["args"]["plan"]["content"][0] == "one_over"]
+        return ("protocol", talk[0]) if talk and first != second and first.lower() == second.lower() else None
+
+    message = step("talk", conn=C0, i=5, plan=ContentPlan("one_over", "x" * 16385))
+    program = [world(first="Acme", second="acme", via="query"), step("read_history", conn=C1, thread=0, limit=3),
+               message]
+    server = Scripted(verdict)
+
+    best, _, _ = shrink_program(program, found(program, "protocol"), server, NEVER, clock=frozen)
+
+    assert [s["args"] for s in best] == [
+        {"first": "Acme", "second": "acme", "via": "header"},
+        {"conn": {"ref": "c0"}, "i": 0, "plan": {"content": ["one_over", "x" * 16385]}},
+    ]
+    # Each kept value was tried and refused (three runs each: a pass is retried).
+    assert server.runs_of([world(first="acme", second="acme", via="query"), message]) == [None] * 3
+    assert server.runs_of([world(first="Acme", second="globex", via="query"), message]) == [None] * 3
+
+
+def test_shrinker_cuts_after_the_step_the_violation_was_seen_in() -> None:
+    """Seen during step 8 of 21: the first replay is steps 1-8."""
+    steps = fillers(p for p in range(1, 21) if p not in (3, 7)) | {3: A, 7: B}
+    program = [world()] + [steps[p] for p in range(1, 21)]
+    server = Scripted(when_all(A, B))
+
+    best, _, _ = shrink_program(program, found(program, step=8), server, NEVER, clock=frozen)
+
+    assert keys(server.runs[0]) == keys(program[:8]) and server.answers[0] == "isolation"
+    assert keys(best) == keys([world(), A, B])
+
+
+def test_shrinker_never_removes_the_opening_world_step() -> None:
+    """Even when the failure does not need it (a restart that loses the server, no refs involved)."""
+    crash = step("crash_and_restart")
+    program = [world(), step("settle"), crash, step("settle")]
+    server = Scripted(lambda c: ("liveness", keys(c).index(key(crash))) if has(c, crash) else None)
+
+    best, _, _ = shrink_program(program, found(program, "liveness", step=3), server, NEVER, clock=frozen)
+
+    assert keys(best) == keys([world(), crash])
+    assert all(c[0]["rule"] == "world" for c in server.runs)
+
+
+def test_shrinker_treats_a_refused_replay_as_an_invalid_candidate() -> None:
+    """A step naming a connection a removed step made: the replay refuses it, once, and that step stays."""
+    connect = step("connect", made=["c3"], tenant=1, uid="alice", via="header")
+    read = step("read_history", conn=C3, thread=0, limit=None)
+    other_read = step("read_history", conn=C0, thread=1, limit=None)
+    talk = [step("talk", conn=C0, i=0, plan=ContentPlan("short", f"m{i}")) for i in range(3)]
+    program = [world(), talk[0], other_read, connect, talk[1], talk[2], read]
+    server = Scripted(when_all(read))
+
+    best, _, _ = shrink_program(program, found(program), server, NEVER, clock=frozen)
+
+    assert keys(best) == keys([world(), connect, read])
+    assert server.runs_of([world(), read]) == ["refused", "refused"]  # removing the connect, twice
+    refused = [i for i, a in enumerate(server.answers) if a == "refused"]
+    for i in refused:  # and never run again straight away
+        assert i + 1 == len(server.runs) or keys(server.runs[i + 1]) != keys(server.runs[i])
+
+
+def test_shrinker_records_what_each_kept_step_did() -> None:
+    """A kept program ends where its replay stopped, and each step's ``then`` is from that replay."""
+    reads = [step("read_history", conn=C1, thread=t, limit=None) for t in range(2)]
+    program = [world(), *reads, B, step("settle")]
+    before = copy.deepcopy(program)
+    server = Scripted(when_all(B))
+
+    best, _, _ = shrink_program(program, found(program), server, NEVER, clock=frozen)
+
+    assert keys(best) == keys([world(), B])
+    assert [s["then"] for s in best] == ["replayed world", "replayed probe"]
+    assert program == before
+
+
+def test_shrinker_records_its_figures_in_session_stats(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`shrink`, the live caller's entry, replays with `replay` and fills ``session.stats``."""
+    program = [world(), A, step("start_agent", made=["th3"], conn=C1, assistant="support"), B]
+    server = Scripted(when_all(A, B))
+    session = cast(Session, SimpleNamespace(stats={"steps": 40}))
+
+    def scripted_replay(s: Session, machine: type[TenantMachine], candidate: Program,
+                        ) -> tuple[Violation | None, list[str]]:
+        assert s is session and machine is TenantMachine
+        return server(candidate)
+
+    monkeypatch.setattr(runner, "replay", scripted_replay)
+
+    best, violation = shrink(session, TenantMachine, program, found(program), NEVER)
+
+    assert keys(best) == keys([world(), A, B]) and violation.invariant == "isolation"
+    assert list(session.stats) == ["steps", "found_steps", "shrink_s", "shrunk_steps"]
+    assert session.stats["found_steps"] == 4 and session.stats["shrunk_steps"] == 3
+    assert isinstance(session.stats["shrink_s"], float)
