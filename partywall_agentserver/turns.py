@@ -20,7 +20,7 @@ import trio
 
 from .agent import Agent
 from .connection import Connection
-from .hub import Hub
+from .hub import Hub, Subscription
 from .protocol import INTERNAL, UserMessage, encode, error_frame
 from .storage import MessageRecord, Storage, ThreadRecord, Unanswered
 
@@ -118,8 +118,8 @@ class TurnScheduler:
             )
         )
         # Fan-out goes to the connections joined when the turn began that are
-        # still joined when each frame goes out.
-        others = [c for c in hub.subscribers(thread_id) if c is not conn]
+        # still joined, without a break, when each frame goes out.
+        others = [s for s in hub.subscribers(thread_id) if s[0] is not conn]
         self._fan_out(
             others,
             thread_id,
@@ -155,16 +155,16 @@ class TurnScheduler:
         reply = await self._storage.add_reply(thread, message.message_id, text)
         self._deliver_response(conn, others, reply, re, waited)
 
-    def _fan_out(self, others: list[Connection], thread_id: str, frame: str) -> None:
+    def _fan_out(self, others: list[Subscription], thread_id: str, frame: str) -> None:
         receives = self._hub.receives
         for other in others:
             if receives(other, thread_id):
-                other.send(frame)
+                other[0].send(frame)
 
     def _deliver_response(
         self,
         conn: Connection,
-        others: list[Connection],
+        others: list[Subscription],
         reply: MessageRecord,
         re: str,
         waited: bool,

@@ -162,6 +162,32 @@ def test_fanout_goes_only_to_connections_joined_when_the_turn_began(
     run(main)
 
 
+def test_fanout_stops_for_a_connection_that_leaves_and_joins_again_mid_turn(
+    paced_server: ServerProcess, tenant: str
+) -> None:
+    """A watcher sees a turn whole or not at all: a re-join mid-turn waits for the next turn."""
+
+    async def main() -> None:
+        async with open_client(paced_server, tenant, "a") as a, open_client(paced_server, tenant, "w") as w:
+            thread_id = await new_thread(a)
+            await w.call("join_thread", "joined", thread_id=thread_id)
+            first = await a.request("user_message", thread_id=thread_id, content="one")
+            await w.wait_for(lambda f: f["type"] == "agent_chunk")
+            await w.call("leave_thread", "left", thread_id=thread_id)
+            await w.call("join_thread", "joined", thread_id=thread_id)
+            rejoined_at = len(w.frames)
+            await a.reply(first, "agent_response")
+            second = await a.request("user_message", thread_id=thread_id, content="two")
+            await a.reply(second, "agent_response")
+            await w.wait_for(lambda f: f["type"] == "agent_response" and f["content"] == "echo: two")
+            after = [f for f in w.frames[rejoined_at:] if f["type"] in ("thread_message", "agent_chunk", "agent_response")]
+            # Nothing more of the first turn; the second whole, in order.
+            assert [f["type"] for f in after] == ["thread_message", *["agent_chunk"] * 4, "agent_response"], after
+            assert "".join(f["delta"] for f in after if f["type"] == "agent_chunk") == "echo: two"
+
+    run(main)
+
+
 def test_turn_requester_that_leaves_still_gets_its_frames(
     paced_server: ServerProcess, tenant: str
 ) -> None:
