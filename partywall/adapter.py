@@ -123,7 +123,12 @@ class Adapter:
     name = "protocol-v1"
 
     def handshake(self, url: str, token: str, via: str) -> tuple[str, list[tuple[str, str]]]:
-        """Return the URL to open and the extra headers, for a token sent ``via`` header or query."""
+        """Return the URL to open and the extra headers, for a token sent ``via`` header or query.
+
+        An empty token is no credential at all: no header and no query parameter.
+        """
+        if via in ("header", "query") and not token:
+            return url, []
         if via == "header":
             return url, [("Authorization", f"Bearer {token}")]
         if via == "query":

@@ -16,6 +16,7 @@ from typing import Any
 from partywall import __version__
 from partywall import config as configmod
 from partywall.adapter import load_adapter
+from partywall.credentials import from_settings, secretless_option
 from partywall.errors import HarnessError
 from partywall.target import SECRET_ENV, make_target
 
@@ -99,6 +100,9 @@ def _pytest_options(given: dict[str, Any]) -> list[str]:
     args: list[str] = []
     for name, value in given.items():
         flag = configmod.OPTION[name].pytest_flag
+        if configmod.OPTION[name].kind == "flag":
+            args += [flag] if value else []
+            continue
         for item in value if isinstance(value, list) else [value]:
             args += [flag, str(item)]
     return args
@@ -158,7 +162,11 @@ def _precheck(given: dict[str, Any]) -> configmod.Settings:
     found = configmod.resolve(given)
     load_adapter(found.get("adapter"))
     target = make_target(found.get("server_url"), found.get("server_cmd"), found.get("auth_secret"),
-                         server_pid=found.get("server_pid"))
+                         server_pid=found.get("server_pid"), credentials_from=secretless_option(found.get),
+                         ca_file=found.get("ca_file"), insecure=bool(found.get("insecure")))
+    # The identities file and the token command's program are checked now; no command runs yet.
+    from_settings(secret=target.secret, token_cmd=found.get("token_cmd"), identities=found.get("identities"),
+                  timeout_s=float(found["token_cmd_timeout_s"]))
     if found.get("server_url"):
         target.start()  # nothing listening there: a clear line now, not a failed run later
     return found

@@ -113,8 +113,19 @@ OPTIONS: tuple[Option, ...] = (
            _TARGET, key="server_cmd", metavar="CMD"),
     Option("auth_secret", "the HS256 secret the server signs tokens with", _TARGET, secret=True,
            metavar="SECRET"),
+    Option("token_cmd", "instead of --auth-secret: run CMD TENANT USER (no shell; PARTYWALL_TENANT and "
+           "PARTYWALL_USER set) for each identity; its stdout is the credential, kept for the run",
+           _TARGET, metavar="CMD"),
+    Option("identities", "test pre-provisioned tenants and users, reused by every example, from a TOML or "
+           "JSON file: [[tenants]] id = \"acme-test\", users = [{id = \"alice\", credential = \"...\"}, "
+           "{id = \"bob\"}]; a user without credential gets one from --token-cmd; at least 2 tenants, "
+           "2 users in the first", _TARGET, metavar="FILE"),
     Option("adapter", "a partywall.adapter.Adapter subclass for a server with another wire format",
            _TARGET, key="adapter", metavar="MODULE:CLASS"),
+    Option("ca_file", "wss://: verify the server's certificate against this PEM CA file instead of the "
+           "system's trust store", _TARGET, metavar="PATH"),
+    Option("insecure", "wss://: do not verify the server's certificate (the report records it)",
+           _TARGET, kind="flag"),
     Option("report", "write the JSON report here", ("run", "bench", "replay"), metavar="PATH"),
     Option("replay_dir", "where failure replay files go", ("run", "config"), key="replay_dir",
            metavar="DIR"),

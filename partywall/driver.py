@@ -9,11 +9,18 @@ the task of a ``from_thread.run`` call would outlive that task and corrupt
 trio's nursery stack.) Readers drain their connection all the time, so the
 suite never measures its own back-pressure, and each frame is recorded in the
 history and shown to the observer (the checks) the moment it is read.
+
+``wss://`` URLs run the WebSocket over ``trio.SSLStream`` with the context the
+target's TLS settings give (the system trust store by default). A TLS
+handshake that fails (a certificate that does not verify, above all) is a
+`HarnessError` with one line, never a refused connection: `start` checks it
+once before the run, and `connect` raises it should it happen later.
 """
 
 from __future__ import annotations
 
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -29,6 +36,7 @@ from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError
 from partywall.adapter import FINAL_REPLY, Adapter, Frame
 from partywall.errors import HarnessError
 from partywall.history import Event, History
+from partywall.target import tls_problem
 
 T = TypeVar("T")
 
@@ -111,8 +119,11 @@ class Driver:
         adapter: Adapter | None = None,
         reply_timeout_s: float = 10.0,
         connect_timeout_s: float = 5.0,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.url = url
+        self.ssl_context = ssl_context
+        """For wss:// URLs; None means ``ssl.create_default_context()`` (the system trust store)."""
         self.history = history
         self.observer = observer
         self.adapter = adapter or Adapter()
@@ -137,7 +148,53 @@ class Driver:
             raise HarnessError("the driver's trio loop did not start within 10 s.")
         if self._crashed:
             raise HarnessError(f"the driver's trio loop failed to start: {self._crashed!r}")
+        if urlsplit(self.url).scheme == "wss":
+            try:
+                self.call(self._check_tls)
+            except BaseException:
+                self.close()
+                raise
         return self
+
+    def _tls_context(self) -> ssl.SSLContext:
+        if self.ssl_context is None:
+            self.ssl_context = ssl.create_default_context()
+        return self.ssl_context
+
+    async def _open_tls(self, tcp: trio.SocketStream, hostname: str) -> trio.SSLStream[trio.SocketStream]:
+        """The TLS handshake over ``tcp``; HarnessError (one line) when it fails."""
+        stream = trio.SSLStream(tcp, self._tls_context(), server_hostname=hostname, https_compatible=True)
+        try:
+            await stream.do_handshake()
+        except (trio.BrokenResourceError, OSError) as exc:
+            problem = tls_problem(exc, self.url)
+            if problem is None:
+                raise
+            raise HarnessError(problem) from exc
+        return stream
+
+    async def _check_tls(self) -> None:
+        """One TLS handshake before the run: a certificate that does not verify stops it at once.
+        A server that does not answer at all is left to the run, as for ws://."""
+        parts = urlsplit(self.url)
+        assert parts.hostname is not None and parts.port is not None
+        try:
+            with trio.fail_after(self.connect_timeout_s):
+                tcp = await trio.open_tcp_stream(parts.hostname, parts.port)
+        except (OSError, trio.TooSlowError):
+            return
+        try:
+            with trio.fail_after(self.connect_timeout_s):
+                await self._open_tls(tcp, parts.hostname)
+        except trio.TooSlowError:
+            raise HarnessError(
+                f"the TLS handshake with {self.url} did not finish within {self.connect_timeout_s:g} s; "
+                "check that the server serves wss:// on that port."
+            ) from None
+        except (trio.BrokenResourceError, OSError):
+            pass  # closed without a TLS error: the run will see what the server does
+        finally:
+            await tcp.aclose()
 
     def _run_loop(self) -> None:
         try:
@@ -209,7 +266,8 @@ class Driver:
         except trio.TooSlowError:
             self._outcome("info", "connect", conn, reason="timeout", limit_s=self.connect_timeout_s, t0=t0)
             return Refused(None, f"no welcome within {self.connect_timeout_s} s")
-        except (OSError, HandshakeError, ConnectionClosed) as exc:
+        except (OSError, HandshakeError, ConnectionClosed, trio.BrokenResourceError) as exc:
+            # (A TLS handshake that failed is a HarnessError from _open_tls, and goes up.)
             self._outcome("fail", "connect", conn, reason=repr(exc), t0=t0)
             return Refused(None, repr(exc))
         self.conns[name] = conn
@@ -223,8 +281,8 @@ class Driver:
 
     async def _own(self, conn: Conn, url: str, headers: list[tuple[str, str]], task_status: Any) -> None:
         parts = urlsplit(url)
-        if parts.scheme != "ws" or not parts.hostname or parts.port is None:
-            raise HandshakeError(f"expected a ws://HOST:PORT/PATH URL (got {url!r})")
+        if parts.scheme not in ("ws", "wss") or not parts.hostname or parts.port is None:
+            raise HandshakeError(f"expected a ws:// or wss://HOST:PORT/PATH URL (got {url!r})")
         resource = parts.path or "/"
         if parts.query:
             resource += "?" + parts.query
@@ -232,10 +290,14 @@ class Driver:
         tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn.tcp = tcp
         try:
+            # An abrupt drop resets `tcp` under the TLS layer, as a crashed client would.
+            stream: trio.abc.Stream = tcp
+            if parts.scheme == "wss":
+                stream = await self._open_tls(tcp, parts.hostname)
             async with trio.open_nursery() as inner:
                 ws = await trio_websocket.wrap_client_stream(
                     inner,
-                    tcp,
+                    stream,
                     f"{parts.hostname}:{parts.port}",
                     resource,
                     extra_headers=[(k.encode(), v.encode()) for k, v in headers],

@@ -20,6 +20,7 @@ import attrs
 
 from partywall import __version__
 from partywall.adapter import Adapter
+from partywall.credentials import Credentials, Identities, MintedCredentials
 from partywall.driver import Driver, Observer
 from partywall.errors import Violation
 from partywall.history import History
@@ -56,6 +57,12 @@ class Session:
     driver: Driver | None = None
     adapter: Adapter = attrs.field(factory=Adapter)
     """How frames go on the wire (protocol v1 unless --partywall-adapter names another)."""
+    credentials: Credentials = attrs.field(
+        default=attrs.Factory(lambda self: MintedCredentials(self.target.secret), takes_self=True))
+    """Where each identity's credential comes from (`partywall.credentials`); by default, tokens
+    minted with the target's secret."""
+    identities: Identities | None = None
+    """The pre-provisioned tenants and users of --identities: examples reuse them instead of fresh tenants."""
     mint: MarkerMint = attrs.field(init=False)
     started: float = attrs.field(factory=time.time)
     violations: list[ReportedViolation] = attrs.field(factory=list)
@@ -91,6 +98,9 @@ class Session:
             adapter=self.adapter,
             reply_timeout_s=float(self.config["reply_timeout_s"]),
             connect_timeout_s=float(self.config["connect_timeout_s"]),
+            # wss:// only: the certificate is checked as --ca-file / --insecure say (the
+            # report records it under target.tls); a failing check is a HarnessError here.
+            ssl_context=self.target.tls.context(),
         ).start()
         return self.driver
 
@@ -131,6 +141,7 @@ class Session:
             "seed": self.seed,
             "run_id": self.run_id,
             "target": self.target.describe(),
+            "credentials": self.credentials.describe(),
             "duration_s": round(time.time() - self.started, 3),
             "stats": self.stats,
         }

@@ -5,12 +5,20 @@ pytest plugin all call it from plain threads, and starting or killing a
 process has nothing to gain from an event loop.
 
 The contract for a launched server (the reference one or ``--server-cmd``):
-it prints ``listening on ws://HOST:PORT/PATH`` on stdout when it is ready.
+it prints ``listening on ws://HOST:PORT/PATH`` (or ``wss://`` when it serves
+TLS) on stdout when it is ready.
 The suite keeps its stdout and stderr drained all the time (a server blocked
 on a full pipe would look like a server that stopped answering), remembers the
 last lines of both for error messages, runs it in a process group of its own
 so that SIGKILL reaches every process it forked, and reads resources from the
 process that listens on the port, not from the shell that started it.
+
+TLS: a ``wss://`` server's certificate is verified by default, against the
+system's trust store (``ssl.create_default_context()``); ``--ca-file PATH``
+trusts a private CA instead, ``--insecure`` turns verification off (and the
+report says so). A certificate that does not verify stops the run with one
+line (a `TargetError`), never a violation: the suite cannot tell a server it
+may not trust from one that misbehaves.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import secrets
 import shlex
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -46,28 +55,93 @@ STOP_GRACE_S = 5.0
 MAX_LINE_BYTES = 4096
 OUTPUT_LINES_KEPT = 400
 
-_READY_LINE = re.compile(r"listening on (ws://(\[[^\]]+\]|[^\s/:\[\]]+):(\d+)(/\S*)?)")
+_READY_LINE = re.compile(r"listening on (wss?://(\[[^\]]+\]|[^\s/:\[\]]+):(\d+)(/\S*)?)")
+_EXPECTED = "expected ws://HOST:PORT/PATH or wss://HOST:PORT/PATH"
 
 
 def parse_ws_url(url: str) -> tuple[str, int, str]:
-    """(host, port, path) of a ``ws://HOST:PORT/PATH`` URL, or TargetError saying what is wrong."""
+    """(host, port, path) of a ``ws://`` or ``wss://HOST:PORT/PATH`` URL, or TargetError saying what is wrong."""
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as exc:
-        raise TargetError(f"the server URL {url!r} is not a valid URL ({exc}); expected ws://HOST:PORT/PATH.") from exc
-    if parts.scheme != "ws":
-        hint = " (wss:// is not supported; put a TLS-terminating proxy in front or use ws://)" if parts.scheme == "wss" else ""
-        raise TargetError(
-            f"the server URL {url!r} has scheme {parts.scheme or 'none'!r}, expected ws://HOST:PORT/PATH{hint}."
-        )
+        raise TargetError(f"the server URL {url!r} is not a valid URL ({exc}); {_EXPECTED}.") from exc
+    if parts.scheme not in ("ws", "wss"):
+        raise TargetError(f"the server URL {url!r} has scheme {parts.scheme or 'none'!r}, {_EXPECTED}.")
     if not parts.hostname:
-        raise TargetError(f"the server URL {url!r} has no host; expected ws://HOST:PORT/PATH.")
+        raise TargetError(f"the server URL {url!r} has no host; {_EXPECTED}.")
     if port is None:
-        raise TargetError(f"the server URL {url!r} has no port; expected ws://HOST:PORT/PATH, e.g. ws://127.0.0.1:8765/ws.")
+        raise TargetError(f"the server URL {url!r} has no port; {_EXPECTED}, e.g. {parts.scheme}://127.0.0.1:8765/ws.")
     if not parts.path or parts.path == "/":
-        raise TargetError(f"the server URL {url!r} has no path; expected ws://HOST:PORT/PATH, e.g. ws://127.0.0.1:{port}/ws.")
+        raise TargetError(f"the server URL {url!r} has no path; {_EXPECTED}, e.g. {parts.scheme}://127.0.0.1:{port}/ws.")
     return parts.hostname, port, parts.path
+
+
+def is_tls_url(url: str | None) -> bool:
+    """Whether the suite speaks TLS to this URL (``wss://``)."""
+    return bool(url) and urlsplit(url or "").scheme == "wss"
+
+
+class ClientTLS:
+    """How the suite checks a ``wss://`` server's certificate: ``--ca-file`` and ``--insecure``."""
+
+    def __init__(self, ca_file: str | None = None, insecure: bool = False) -> None:
+        if ca_file and insecure:
+            raise TargetError(
+                "--ca-file and --insecure exclude each other; pass --ca-file PATH to verify the server "
+                "against a private CA, or --insecure to skip verification."
+            )
+        self.ca_file = ca_file or None
+        self.insecure = bool(insecure)
+        self._context: ssl.SSLContext | None = None
+        if self.ca_file:
+            self.context()  # an unreadable --ca-file is reported at once, not at the first connection
+
+    @property
+    def verify(self) -> bool:
+        return not self.insecure
+
+    def context(self) -> ssl.SSLContext:
+        """The client context: the system trust store, the private CA, or no verification at all."""
+        if self._context is None:
+            try:
+                context = ssl.create_default_context(cafile=self.ca_file)
+            except FileNotFoundError:
+                raise TargetError(f"--ca-file {self.ca_file}: no such file.") from None
+            except (OSError, ssl.SSLError) as exc:
+                reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
+                raise TargetError(
+                    f"--ca-file {self.ca_file} holds no usable PEM CA certificate ({reason})."
+                ) from None
+            if self.insecure:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+            self._context = context
+        return self._context
+
+    def describe(self) -> dict[str, Any]:
+        """What the reports say: whether certificates were verified, and against what."""
+        return {"verify": self.verify, "ca_file": self.ca_file}
+
+
+def tls_problem(exc: BaseException, url: str) -> str | None:
+    """The one line for a TLS handshake with ``url`` that failed with ``exc`` (or its cause), else None."""
+    cause: BaseException | None = exc
+    seen = 0
+    while cause is not None and not isinstance(cause, ssl.SSLError) and seen < 8:
+        cause, seen = cause.__cause__ or cause.__context__, seen + 1
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        detail = f"{cause.reason or 'CERTIFICATE_VERIFY_FAILED'}: {cause.verify_message or cause.strerror}"
+        return (
+            f"the server's TLS certificate at {url} did not verify ({detail}); "
+            "pass --ca-file PATH for a private CA, or --insecure to skip verification."
+        )
+    if isinstance(cause, ssl.SSLError):
+        return (
+            f"the TLS handshake with {url} failed ({cause.reason or cause}); check that the server "
+            "serves wss:// on that port."
+        )
+    return None
 
 
 def _pids_listening_on(port: int, processes: Sequence[psutil.Process]) -> list[int]:
@@ -91,15 +165,18 @@ class Target:
 
     ``url`` is None until the target has started (a launched server reports
     its port). ``can_crash`` says whether the suite may SIGKILL and restart it,
-    which checks of durability across crashes need.
+    which checks of durability across crashes need. ``tls`` says how a
+    ``wss://`` server's certificate is checked (`make_target` sets it).
     """
 
     kind: str = "abstract"
     can_crash: bool = False
 
-    def __init__(self, secret: str) -> None:
+    def __init__(self, secret: str | None) -> None:
         self.url: str | None = None
         self.secret = secret
+        """The server's token secret; None when credentials come from --token-cmd or --identities."""
+        self.tls = ClientTLS()
 
     def start(self) -> None:
         raise NotImplementedError
@@ -123,8 +200,12 @@ class Target:
         return ""
 
     def describe(self) -> dict[str, Any]:
-        """What the reports say about the target (never the secret)."""
-        return {"kind": self.kind, "url": self.url}
+        """What the reports say about the target (never the secret); ``tls`` for a wss:// server,
+        or whenever a TLS option was given, so a run without verification always says so."""
+        described: dict[str, Any] = {"kind": self.kind, "url": self.url}
+        if is_tls_url(self.url) or self.tls.ca_file or self.tls.insecure:
+            described["tls"] = self.tls.describe()
+        return described
 
     def __enter__(self) -> Target:
         self.start()
@@ -164,7 +245,7 @@ class LaunchedTarget(Target):
 
     can_crash = True
 
-    def __init__(self, secret: str, ready_timeout_s: float | None = None) -> None:
+    def __init__(self, secret: str | None, ready_timeout_s: float | None = None) -> None:
         super().__init__(secret)
         self.ready_timeout_s = DEFAULT_READY_TIMEOUT_S if ready_timeout_s is None else float(ready_timeout_s)
         self._proc: subprocess.Popen[bytes] | None = None
@@ -185,7 +266,8 @@ class LaunchedTarget(Target):
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
-        env[SECRET_ENV] = self.secret
+        if self.secret:
+            env[SECRET_ENV] = self.secret
         # Python servers buffer stdout when it is a pipe; the ready line must
         # arrive when it is printed, not when 8 KiB have piled up.
         env["PYTHONUNBUFFERED"] = "1"
@@ -288,7 +370,7 @@ class LaunchedTarget(Target):
                 self._kill_group()
                 raise TargetError(
                     f"the server command {self._command_text()!r} exited with code {code} before "
-                    f"printing 'listening on ws://HOST:PORT/ws'; its last output:\n"
+                    f"printing 'listening on ws://HOST:PORT/ws' (or wss://); its last output:\n"
                     f"{self.output_tail() or '(no output)'}"
                 )
             if time.monotonic() >= deadline:
@@ -297,7 +379,7 @@ class LaunchedTarget(Target):
                 self._join_drains(1.0)
                 raise TargetError(
                     f"the server command {self._command_text()!r} did not print "
-                    f"'listening on ws://HOST:PORT/ws' within {self.ready_timeout_s:g} s, so it "
+                    f"'listening on ws://HOST:PORT/ws' (or wss://) within {self.ready_timeout_s:g} s, so it "
                     f"was killed; its last output:\n{self.output_tail() or '(no output)'}"
                 )
         assert self._ready_url is not None
@@ -309,7 +391,8 @@ class LaunchedTarget(Target):
         elif host == "::":
             host = "::1"
         shown = f"[{host}]" if ":" in host else host
-        self.url = f"ws://{shown}:{port}{path}"
+        scheme = "wss" if is_tls_url(self._ready_url) else "ws"
+        self.url = f"{scheme}://{shown}:{port}{path}"
 
     def _join_drains(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -515,7 +598,7 @@ class CommandTarget(LaunchedTarget):
 
     kind = "command"
 
-    def __init__(self, cmd: str, secret: str, *, ready_timeout_s: float | None = None) -> None:
+    def __init__(self, cmd: str, secret: str | None, *, ready_timeout_s: float | None = None) -> None:
         if not cmd.strip():
             raise TargetError("the server command is empty; pass --server-cmd 'COMMAND THAT STARTS THE SERVER'.")
         super().__init__(secret, ready_timeout_s)
@@ -542,7 +625,7 @@ class UrlTarget(Target):
     kind = "url"
     can_crash = False
 
-    def __init__(self, url: str, secret: str, *, pid: int | None = None,
+    def __init__(self, url: str, secret: str | None, *, pid: int | None = None,
                  connect_timeout_s: float = 3.0) -> None:
         super().__init__(secret)
         self.url = url
@@ -574,11 +657,34 @@ class UrlTarget(Target):
                     "start the server or fix --server-url."
                 ) from last
             time.sleep(0.1)
+        if is_tls_url(self.url):
+            self._check_tls(host, port)
         if self._pid is not None and not psutil.pid_exists(self._pid):
             raise TargetError(
                 f"--server-pid {self._pid} names no running process; pass the pid of the process "
                 f"that listens at {self.url}, or leave it out."
             )
+
+    def _check_tls(self, host: str, port: int) -> None:
+        """One TLS handshake, so that a certificate that does not verify is one line now."""
+        assert self.url is not None
+        timeout = max(self.connect_timeout_s, 1.0)
+        try:
+            with socket.create_connection((host, port), timeout=timeout) as sock:
+                with self.tls.context().wrap_socket(sock, server_hostname=host):
+                    pass
+        except ssl.SSLError as exc:
+            raise TargetError(tls_problem(exc, self.url) or str(exc)) from exc
+        except TimeoutError as exc:
+            raise TargetError(
+                f"the TLS handshake with {self.url} did not finish within {timeout:g} s; check that "
+                "the server serves wss:// on that port."
+            ) from exc
+        except OSError as exc:
+            raise TargetError(
+                f"the TLS handshake with {self.url} failed ({exc.strerror or exc}); check that the "
+                "server serves wss:// on that port."
+            ) from exc
 
     def server_pid(self) -> int | None:
         if self._pid is not None:
@@ -610,14 +716,25 @@ def make_target(
     *,
     server_pid: int | None = None,
     ready_timeout_s: float | None = None,
+    credentials_from: str | None = None,
+    ca_file: str | None = None,
+    insecure: bool = False,
 ) -> Target:
     """The target the command-line options ask for, or TargetError saying which option to fix.
 
     No URL and no command: the embedded reference server. ``--server-url`` and
     ``--server-cmd`` exclude each other and need ``--auth-secret`` (which
     `partywall.config` also reads from PARTYWALL_AUTH_SECRET), the secret the
-    server signs tokens with.
+    server signs tokens with, unless ``credentials_from`` names the option
+    that gives credentials without it (``--token-cmd``, ``--identities``):
+    then the secret is optional. Those are for a server of the team's own,
+    never the embedded one, whose secret is random.
+
+    ``ca_file`` and ``insecure`` (``--ca-file``, ``--insecure``) say how a
+    ``wss://`` server's certificate is checked: the system's trust store by
+    default; they exclude each other, and an unreadable CA file is refused here.
     """
+    tls = ClientTLS(ca_file, insecure)
     if server_url and server_cmd:
         raise TargetError(
             "--server-url and --server-cmd exclude each other; pass --server-url for a server that "
@@ -634,18 +751,28 @@ def make_target(
         )
     if server_url or server_cmd:
         option = "--server-url" if server_url else "--server-cmd"
-        if not secret:
+        if not secret and not credentials_from:
             raise TargetError(
                 f"{option} needs the server's token secret: pass --auth-secret SECRET or set "
-                f"{SECRET_ENV}."
+                f"{SECRET_ENV}; without the secret, --token-cmd CMD or --identities FILE give credentials."
             )
         if server_url:
-            return UrlTarget(server_url, secret, pid=server_pid)
+            return _with_tls(UrlTarget(server_url, secret, pid=server_pid), tls)
         assert server_cmd is not None
-        return CommandTarget(server_cmd, secret, ready_timeout_s=ready_timeout_s)
+        return _with_tls(CommandTarget(server_cmd, secret, ready_timeout_s=ready_timeout_s), tls)
     if auth_secret:
         raise TargetError(
             "--auth-secret applies to --server-url or --server-cmd; the embedded server makes a "
             "random secret of its own."
         )
-    return EmbeddedTarget(None, server_args, ready_timeout_s=ready_timeout_s)
+    if credentials_from:
+        raise TargetError(
+            f"{credentials_from} applies to --server-url or --server-cmd; the embedded server makes a "
+            "random secret of its own, which no token command knows."
+        )
+    return _with_tls(EmbeddedTarget(None, server_args, ready_timeout_s=ready_timeout_s), tls)
+
+
+def _with_tls(target: Target, tls: ClientTLS) -> Target:
+    target.tls = tls
+    return target

@@ -2,7 +2,8 @@
 
 Exit codes: 0 after SIGTERM (or SIGINT), 1 when the server cannot run
 (unusable or too new database, port in use), 2 for a usage error (bad
-option, unknown fault, no secret).
+option, unknown fault, no secret, only one of --tls-cert and --tls-key, or
+a certificate or key that cannot be loaded).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 import os
 import resource
 import signal
+import ssl
 import sys
 from collections.abc import Sequence
 
@@ -109,6 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"install a planted fault (or set {FAULT_ENV}): {', '.join(sorted(FAULTS))}",
     )
+    parser.add_argument(
+        "--tls-cert",
+        metavar="PATH",
+        default=None,
+        help="serve wss:// with this PEM certificate chain (needs --tls-key)",
+    )
+    parser.add_argument(
+        "--tls-key",
+        metavar="PATH",
+        default=None,
+        help="the PEM private key of --tls-cert (needs --tls-cert)",
+    )
     return parser
 
 
@@ -142,6 +156,29 @@ def _fault(args: argparse.Namespace) -> str | None:
     return name
 
 
+def _tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The server's TLS context from --tls-cert and --tls-key (both or neither), or None."""
+    cert: str | None = args.tls_cert
+    key: str | None = args.tls_key
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        given, missing = ("--tls-cert", "--tls-key") if key is None else ("--tls-key", "--tls-cert")
+        raise UsageError(
+            f"{given} needs {missing}: pass both (the PEM certificate chain and its private key) "
+            "to serve wss://, or neither to serve ws://"
+        )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(certfile=cert, keyfile=key)
+    except (OSError, ssl.SSLError) as exc:
+        reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc)
+        raise UsageError(
+            f"cannot load --tls-cert {cert!r} with --tls-key {key!r}: {reason}"
+        ) from None
+    return context
+
+
 def raise_open_files_limit() -> int:
     """Raise the soft RLIMIT_NOFILE to the hard limit; returns the new soft limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -163,7 +200,8 @@ async def _run(server: AgentServer) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             port = await nursery.start(server.serve)
-            print(f"listening on ws://{_url_host(server.config.host)}:{port}/ws", flush=True)
+            scheme = "ws" if server.config.ssl_context is None else "wss"
+            print(f"listening on {scheme}://{_url_host(server.config.host)}:{port}/ws", flush=True)
             async for signum in signals:
                 log.info("received %s; shutting down", signal.Signals(signum).name)
                 break
@@ -185,6 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         secret = _secret(args)
         fault = _fault(args)
+        ssl_context = _tls_context(args)
     except UsageError as exc:
         print(f"agentserver: {exc}", file=sys.stderr, flush=True)
         return 2
@@ -201,6 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         agent=AgentConfig(
             startup_ms=args.startup_ms, chunks=args.chunks, chunk_delay_ms=args.chunk_delay_ms
         ),
+        ssl_context=ssl_context,
     )
     server = AgentServer(config, install(fault))
     try:

@@ -12,6 +12,7 @@ writer and request tasks).
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
@@ -89,6 +90,8 @@ class ServerConfig:
     port: int = 0
     """0 picks a free port."""
     agent: AgentConfig = AgentConfig()
+    ssl_context: ssl.SSLContext | None = None
+    """Serve TLS (wss://) with this server context; None serves plain ws://."""
 
 
 class AgentServer:
@@ -135,7 +138,10 @@ class AgentServer:
                     )
                     async with trio.open_nursery() as conns:
                         listeners = await conns.start(self._listen, conns)
-                        task_status.started(listeners[0].socket.getsockname()[1])
+                        listener = listeners[0]
+                        if isinstance(listener, trio.SSLListener):
+                            listener = listener.transport_listener
+                        task_status.started(listener.socket.getsockname()[1])
             finally:
                 # Every write already queued (turns cancelled mid-commit
                 # included) is committed before the writer leaves.
@@ -145,9 +151,9 @@ class AgentServer:
         self,
         conns: trio.Nursery,
         *,
-        task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+        task_status: trio.TaskStatus[list[Any]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        listeners = await trio.open_tcp_listeners(self.config.port, host=self.config.host)
+        listeners: list[Any] = await trio.open_tcp_listeners(self.config.port, host=self.config.host)
         if len(listeners) > 1:
             # A name that resolves to several addresses gets one listener per
             # address, each with its own free port; we announce one URL, so
@@ -155,6 +161,13 @@ class AgentServer:
             for extra in listeners[1:]:
                 await extra.aclose()
             listeners = listeners[:1]
+        if self.config.ssl_context is not None:
+            # The TLS handshake runs in each connection's own task, on its first
+            # read, so it is bounded by HANDSHAKE_TIMEOUT like the HTTP upgrade.
+            listeners = [
+                trio.SSLListener(listener, self.config.ssl_context, https_compatible=True)
+                for listener in listeners
+            ]
         with self._accepting:
             await trio.serve_listeners(
                 self._handle_stream, listeners, handler_nursery=conns, task_status=task_status
@@ -178,7 +191,7 @@ class AgentServer:
 
     # -- connections -------------------------------------------------------------
 
-    async def _handle_stream(self, stream: trio.SocketStream) -> None:
+    async def _handle_stream(self, stream: trio.abc.Stream) -> None:
         """One TCP connection, start to end. Nothing that goes wrong here may end the server."""
         try:
             async with trio.open_nursery() as nursery:
@@ -193,7 +206,7 @@ class AgentServer:
             # One broken connection is logged and dropped; the server goes on.
             log.exception("connection failed")
 
-    async def _handle_websocket(self, stream: trio.SocketStream, nursery: trio.Nursery) -> None:
+    async def _handle_websocket(self, stream: trio.abc.Stream, nursery: trio.Nursery) -> None:
         request: WebSocketRequest | None = None
         with trio.move_on_after(HANDSHAKE_TIMEOUT):
             request = await wrap_server_stream(

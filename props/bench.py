@@ -32,6 +32,7 @@ import random
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TextIO
 
 import attrs
@@ -39,7 +40,7 @@ import trio
 from partywall_props.invariants import INVARIANTS
 from partywall_props.model import Model
 
-from partywall import __version__, tokens
+from partywall import __version__
 from partywall.adapter import Frame, valid_id
 from partywall.checks import Checker
 from partywall.driver import Driver, Refused
@@ -319,7 +320,9 @@ class UserRun:
 
     planned: PlannedUser
     tenant: str
-    """The tenant id on the wire: the run's prefix + the plan's tenant name."""
+    """The tenant id on the wire: the run's prefix + the plan's tenant name (or a provisioned tenant)."""
+    uid: str
+    """The user id on the wire: the plan's (or a provisioned user of the tenant)."""
     step: str = "waiting"
     """The metric of the step under way (for a user stopped by its time budget)."""
     ok: bool = True
@@ -376,7 +379,7 @@ class BenchRun:
             _threshold_kind(name)  # an unknown threshold is refused before anything runs
         self.progress = progress
         self.sample_interval_s = sample_interval_s
-        self.users = [UserRun(m, prefix + m.tenant) for m in members]
+        self.users = [UserRun(m, *self._identity(m, prefix)) for m in members]
         for u in self.users:
             if not valid_id(u.tenant):
                 raise HarnessError(f"the tenant id {u.tenant!r} is not a valid id (1-64 code points, no "
@@ -396,6 +399,31 @@ class BenchRun:
         self.counts = {"connected": 0, "started": 0, "done": 0, "failed": 0}
         self.origin = 0.0
         self.t_go = 0.0
+        self.credentials: dict[tuple[str, str], str] = {}
+        """Each identity's credential, asked for before the clock starts (see `run`)."""
+
+    def _identity(self, m: PlannedUser, prefix: str) -> tuple[str, str]:
+        """(tenant, user) on the wire for a planned user.
+
+        Without --identities: the run's prefix + the plan's tenant, and the plan's user id.
+        With it: the plan's k-th tenant is the k-th provisioned one and its j-th user the
+        tenant's j-th provisioned user, both cyclically (so several planned users may share
+        one identity, as several devices of one person do).
+        """
+        ids = self.session.identities
+        if ids is None:
+            return prefix + m.tenant, m.user
+        tenant_no = {_nth_name(TENANT_NAMES, t): t for t in range(self.plan.tenants)}[m.tenant]
+        user_no = {_nth_name(USER_NAMES, k): k for k in range(self.plan.users)}[m.user]
+        tenant = ids.tenant_at(tenant_no).id
+        return tenant, ids.user_at(tenant, user_no)
+
+    def _fetch_credentials(self) -> dict[tuple[str, str], str]:
+        """Every identity's credential, before the clock starts: a token command takes time of its own."""
+        wanted = sorted({(u.tenant, u.uid) for u in self.users})
+        with ThreadPoolExecutor(max_workers=8, thread_name_prefix="partywall-credentials") as pool:
+            got = list(pool.map(lambda key: self.session.credentials.for_identity(*key), wanted))
+        return dict(zip(wanted, got, strict=True))
 
     # -- bookkeeping -------------------------------------------------------------
 
@@ -408,7 +436,7 @@ class BenchRun:
         # Every failure is counted; the first 200 are kept with their reason
         # (a run where everything fails should not write a report of megabytes).
         if len(self.failure_log) < 200:
-            self.failure_log.append({"user": user.planned.index, "tenant": user.tenant, "user_id": user.planned.user,
+            self.failure_log.append({"user": user.planned.index, "tenant": user.tenant, "user_id": user.uid,
                                      "metric": metric, "reason": reason})
 
     def _span(self, kind: str, user: UserRun, t0: float, t1: float | None, ok: bool) -> None:
@@ -445,8 +473,10 @@ class BenchRun:
 
     async def _connect(self, user: UserRun, name: str, t0: float, metric: str) -> bool:
         p = user.planned
-        token = tokens.mint(self.session.target.secret, user.tenant, p.user)
-        result = await self.driver.connect(name, user.tenant, p.user, token, p.via)
+        token = self.credentials.get((user.tenant, user.uid))
+        if token is None:
+            token = await self.session.credentials.for_identity_async(user.tenant, user.uid)
+        result = await self.driver.connect(name, user.tenant, user.uid, token, p.via)
         if isinstance(result, Refused):
             t1 = time.monotonic()
             if metric == "connect":
@@ -458,7 +488,7 @@ class BenchRun:
             if result.status is not None or not result.reason.startswith("no welcome within"):
                 self.checker.record(Violation(
                     "liveness", f"a valid token was refused at the handshake ({result.reason})",
-                    {"connection": name, "tenant": user.tenant, "user": p.user, "via": p.via},
+                    {"connection": name, "tenant": user.tenant, "user": user.uid, "via": p.via},
                     check="valid_token_accepted"))
             return False
         t1 = self.clock.welcome.get(name, time.monotonic())
@@ -601,6 +631,7 @@ class BenchRun:
     # -- driving it from the caller's thread ------------------------------------
 
     def run(self) -> dict[str, Any]:
+        self.credentials = self._fetch_credentials()
         driver = self.driver
         saved = (driver.observer, driver.reply_timeout_s)
         driver.observer = self.clock

@@ -14,6 +14,14 @@ answers must be equal but for ``re``.
 
 Each step is recorded (rule and arguments, bundle values by name) so a
 failing program can be replayed step by step (`partywall_props.replay`).
+
+Credentials come from the session (`partywall.credentials`): minted with the
+server's secret, or from ``--token-cmd``. With ``--identities`` every example
+reuses the provisioned tenants and users: the drawn tenants and user ids are
+still drawn (the same program either way) and map onto the provisioned ones
+cyclically, and examples are kept apart by their own threads and markers.
+What those tenants held before (threads of earlier examples and runs) is
+theirs: the checks ask only that what this example made is there.
 """
 
 from __future__ import annotations
@@ -58,10 +66,10 @@ from partywall_strategies import (
     user_ids,
 )
 
-from partywall import tokens
 from partywall.checks import Checker
+from partywall.credentials import user_index
 from partywall.driver import Conn, Refused
-from partywall.errors import Violation
+from partywall.errors import HarnessError, Violation
 from partywall.session import Session
 
 MAX_CONNS = 8
@@ -201,6 +209,10 @@ class TenantMachine(RuleBasedStateMachine):
         self.tenant_threads: dict[str, list[ThreadRef]] = {}
         self.tenant_list: list[TenantRef] = []
         self.thread_list: list[ThreadRef] = []
+        self.identities = s.identities
+        """Pre-provisioned tenants and users (--identities): every example reuses them."""
+        self.harness_error: HarnessError | None = None
+        """A credential that could not be had (a failing --token-cmd): the example stops, and so does the run."""
 
     # -- helpers ------------------------------------------------------------------
 
@@ -290,7 +302,14 @@ class TenantMachine(RuleBasedStateMachine):
         return multiple(c0, c1, c2)
 
     def _add_tenant(self, base: str) -> TenantRef:
-        ref = self._keep(TenantRef(self._name("t"), (self.prefix + base)[:64]))
+        if self.identities is not None:
+            # Provisioned tenants, cyclically. ``base`` is drawn all the same, so a program has
+            # the same draws with identities or without; examples are kept apart by their own
+            # threads and markers instead of their own tenant ids.
+            tid = self.identities.tenant_at(len(self.tenant_list)).id
+        else:
+            tid = (self.prefix + base)[:64]
+        ref = self._keep(TenantRef(self._name("t"), tid))
         self.tenant_list.append(ref)
         return ref
 
@@ -310,10 +329,26 @@ class TenantMachine(RuleBasedStateMachine):
         """Connect as user ``uid`` of a tenant (common ids recur, so tenants share user names)."""
         return self._connect(self._tenant(tenant), uid, via)
 
+    def _user_id(self, tenant: TenantRef, uid: str) -> str:
+        """The user id on the wire for a drawn one: itself, or with identities a provisioned user
+        of the tenant (``alice`` the first, ``bob`` the second, any other by its text, cyclically)."""
+        if self.identities is None:
+            return uid
+        return self.identities.user_at(tenant.tid, user_index(uid))
+
+    def _credential(self, tid: str, uid: str, kind: str = "valid") -> str:
+        """The credential for ``uid`` of ``tid`` (a refused one unless ``kind`` is valid), from the session's source."""
+        creds = self.session.credentials
+        try:
+            return creds.for_identity(tid, uid) if kind == "valid" else creds.bad(kind, tid, uid)
+        except HarnessError as exc:
+            self.harness_error = exc
+            raise
+
     def _connect(self, tenant: TenantRef, uid: str, via: str) -> ConnRef:
-        user = UserRef(uid, tenant, uid)
+        user = UserRef(uid, tenant, self._user_id(tenant, uid))
         name = self._name("c")
-        token = tokens.mint(self.session.target.secret, user.tenant.tid, user.uid)
+        token = self._credential(user.tenant.tid, user.uid)
         result = self._call(self.driver.connect, name, user.tenant.tid, user.uid, token, via)
         if isinstance(result, Refused):
             self.outcome = f"{name} refused: {result.reason}"
@@ -328,9 +363,12 @@ class TenantMachine(RuleBasedStateMachine):
         return self._keep(ConnRef(name, user))
 
     def _connect_refused(self, tenant: TenantRef, uid: str, kind: str, via: str) -> None:
-        user = UserRef(uid, tenant, uid)
+        user = UserRef(uid, tenant, self._user_id(tenant, uid))
         name = self._name("c")
-        token = tokens.mint_bad(kind, self.session.target.secret, user.tenant.tid, user.uid)
+        # Without the server's secret a kind that needs it is sent as one that does not
+        # (the report lists it under not_run); the drawn kind stays in the program.
+        kind = self.session.credentials.kind_for(kind)
+        token = self._credential(user.tenant.tid, user.uid, kind)
         result = self._call(self.driver.connect, name, user.tenant.tid, user.uid, token, via, kind)
         if isinstance(result, Conn):
             self.outcome = f"{kind} token OPENED {name}"
@@ -657,8 +695,10 @@ class TenantMachine(RuleBasedStateMachine):
             return
         for tid, refs in by_tenant.items():
             name = f"audit{len(self.driver.conns)}"
-            token = tokens.mint(self.session.target.secret, tid, "auditor")
-            conn = self._call(self.driver.connect, name, tid, "auditor", token, "header")
+            # A user of its own where tenants are generated; the first provisioned one otherwise.
+            auditor = self.identities.user_at(tid, 0) if self.identities is not None else "auditor"
+            token = self._credential(tid, auditor)
+            conn = self._call(self.driver.connect, name, tid, auditor, token, "header")
             if not isinstance(conn, Conn):
                 continue
             for ref in refs:
@@ -687,7 +727,7 @@ class TenantMachine(RuleBasedStateMachine):
         # Push generation toward examples whose agents start slowly (queues, contention).
         target(self.slowest_start, label="slowest agent start-up (server startup_ms)")
         try:
-            if self.raised is None and not self.driver.errors and not self.checker.found:
+            if self.raised is None and self.harness_error is None and not self.driver.errors and not self.checker.found:
                 self.audit()
             self.raise_found()
         finally:
@@ -701,6 +741,9 @@ class TenantMachine(RuleBasedStateMachine):
                 rules[entry["rule"]] = rules.get(entry["rule"], 0) + 1
             for op, values in self.model.samples.items():
                 self.session.samples.setdefault(op, []).extend(values)
+            if self.identities is not None:
+                # The tenants the run used: with identities, only provisioned ones.
+                st_["tenants"] = sorted(set(st_.get("tenants", [])) | {t.tid for t in self.tenant_list})
             self.session.last_program = {
                 "program": list(self.program),
                 "violation": self.raised.to_json() if self.raised is not None else None,

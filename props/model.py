@@ -30,7 +30,8 @@ class ConnState:
     tenant: str
     user: str
     token_kind: str
-    """``valid`` or one of partywall.tokens.BAD_TOKEN_KINDS."""
+    """``valid``, or a kind the server must refuse: one of partywall.tokens.BAD_TOKEN_KINDS or
+    partywall.credentials.EXTRA_BAD_KINDS (no credential at all, a tampered one)."""
     open: bool = False
     opened_t: float | None = None
     closed_t: float | None = None
@@ -232,6 +233,9 @@ class Model:
         if ev.op == "get_history" and isinstance(fields.get("thread_id"), str):
             req.expect_history = self.expected_history(fields["thread_id"], ev.t)
         if ev.op == "list_threads":
+            # Only what this model saw the tenant start must be listed. A provisioned tenant
+            # (--identities) also lists threads of earlier examples and runs: those are its own,
+            # never another tenant's (their ids are attributed to the tenant that lists them).
             req.expect_threads = {t for t, s in self.threads.items() if s.tenant == tenant}
         if ev.op == "join_thread" and "ok" in req.accepts:
             self._join(ev.conn, fields["thread_id"], ev.t)

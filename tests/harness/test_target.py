@@ -157,7 +157,7 @@ def test_target_url_with_nothing_listening_fails_within_seconds() -> None:
     ("url", "complaint"),
     [
         ("http://127.0.0.1:8765/ws", "scheme 'http'"),
-        ("wss://127.0.0.1:8765/ws", "wss:// is not supported"),
+        ("wss://127.0.0.1/ws", "has no port"),
         ("ws://127.0.0.1/ws", "has no port"),
         ("ws://127.0.0.1:8765", "has no path"),
         ("ws://:8765/ws", "has no host"),
