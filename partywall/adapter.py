@@ -1,18 +1,37 @@
-"""The seam between the state machines and a wire protocol: one class.
+"""The seam between the suite and a wire protocol: the adapter API, version 1.
 
-The state machines and invariants speak in protocol-v1 terms (request types,
-frame dicts). An adapter turns those into bytes on a socket and back. A
-server with another wire format is tested by subclassing `Adapter` and
-overriding `handshake`, `encode` and `decode`; nothing above changes.
+The state machines and invariants speak in logical operations (``start_agent``,
+``user_message``, ...) and parsed frames. An adapter turns those into bytes on
+a socket and back, and says what the service offers:
+
+- ``api_version``: the adapter API it was written for; partywall refuses an
+  adapter written for another one, naming both;
+- ``operations``: the operations the service has (``REQUIRED_OPERATIONS``
+  at least); the state machine draws only those, and the checks that need a
+  missing one are listed under ``not_run``;
+- ``limits``: its id and content limits, which the model predicts outcomes by;
+- ``handshake``, ``encode``, ``decode``: where the credential travels, how a
+  request is framed, how a frame is parsed and checked;
+- ``completes`` and ``reply_types``: which frames answer a request and which
+  one completes it (the driver and the checks ask these, never a table of
+  protocol v1's).
+
+`Adapter` itself is protocol v1 of PROTOCOL.md over WebSocket text frames.
+A server with another wire format subclasses it and overrides what differs.
+Still specific to v1 and not yet behind this API: the generated values
+(strategies draw v1's ids and contents) and the model's rules of tenancy and
+fan-out (threads shared in the tenant, fan-out to joined connections).
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import math
 import unicodedata
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import attrs
@@ -47,10 +66,29 @@ MAX_ID = 64
 MAX_CONTENT = 16_384
 MAX_FRAME_IN = 65_536
 
+#: The adapter API this partywall speaks (`Adapter.api_version`).
+API_VERSION = 1
+#: Operations every service must have: the opening of each example and the audit use them.
+REQUIRED_OPERATIONS = frozenset({"start_agent", "user_message", "get_history"})
+#: Every operation the suite knows how to drive.
+KNOWN_OPERATIONS = frozenset(FINAL_REPLY)
 
-def valid_id(value: Any) -> bool:
+
+@attrs.frozen
+class Limits:
+    """The sizes a service accepts; the model predicts outcomes by them."""
+
+    max_id: int = MAX_ID
+    """Longest id (tenant, user, assistant name), in code points."""
+    max_content: int = MAX_CONTENT
+    """Longest message content, in bytes of UTF-8."""
+    max_frame_in: int = MAX_FRAME_IN
+    """Longest client message, in bytes."""
+
+
+def valid_id(value: Any, max_len: int = MAX_ID) -> bool:
     """An id as PROTOCOL.md allows: 1-64 code points, none whitespace, Cc or Cs."""
-    if not isinstance(value, str) or not 1 <= len(value) <= MAX_ID:
+    if not isinstance(value, str) or not 1 <= len(value) <= max_len:
         return False
     return not any(ch.isspace() or unicodedata.category(ch) in ("Cc", "Cs") for ch in value)
 
@@ -120,7 +158,24 @@ class Frame:
 class Adapter:
     """Protocol version 1 of PROTOCOL.md over WebSocket text frames."""
 
+    api_version: ClassVar[int] = API_VERSION
+    """The adapter API this class was written for."""
     name = "protocol-v1"
+    operations: ClassVar[frozenset[str]] = KNOWN_OPERATIONS
+    """The operations the service has."""
+    limits: ClassVar[Limits] = Limits()
+
+    def completes(self, req_type: str, frame: Frame) -> bool:
+        """Whether ``frame``, an answer to a request of ``req_type``, is its last one."""
+        return frame.type == "error" or frame.type == FINAL_REPLY.get(req_type)
+
+    def reply_types(self, req_type: str) -> tuple[str, ...]:
+        """Every frame type (but ``error``) that may answer a request of ``req_type``, in order."""
+        return REPLY_TYPES.get(req_type, ())
+
+    def valid_id(self, value: Any) -> bool:
+        """Whether the service must accept ``value`` as an id."""
+        return valid_id(value, self.limits.max_id)
 
     def handshake(self, url: str, token: str, via: str) -> tuple[str, list[tuple[str, str]]]:
         """Return the URL to open and the extra headers, for a token sent ``via`` header or query.
@@ -193,14 +248,43 @@ def _refuse_constant(name: str) -> Any:
 
 
 def load_adapter(spec: str | None) -> Adapter:
-    """The adapter named ``MODULE:CLASS`` (protocol v1's when None)."""
+    """The adapter named ``MODULE:CLASS`` or ``path/to/file.py:CLASS`` (protocol v1's when None).
+
+    Refused, with the adapter's name and what is wrong: one that cannot be
+    loaded, is not an `Adapter`, was written for another API version, or
+    declares operations partywall does not know or lacks a required one.
+    """
     if not spec:
         return Adapter()
-    module_name, _, class_name = spec.partition(":")
+    where, _, class_name = spec.rpartition(":")
+    if not where or not class_name:
+        raise HarnessError(f"--adapter {spec!r}: expected MODULE:CLASS or path/to/file.py:CLASS.")
     try:
-        cls = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError, ValueError) as exc:  # a module that fails to import, a missing class
-        raise HarnessError(f"--adapter {spec!r}: cannot load it ({exc}); expected MODULE:CLASS.") from None
+        if where.endswith(".py"):
+            path = Path(where)
+            if not path.is_file():
+                raise HarnessError(f"--adapter {spec!r}: no file {where}.")
+            module_spec = importlib.util.spec_from_file_location(f"partywall_adapter_{path.stem}", path)
+            assert module_spec is not None and module_spec.loader is not None
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+        cls = getattr(module, class_name)
+    except HarnessError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever the adapter's module raises, say so in one line
+        raise HarnessError(f"--adapter {spec!r}: cannot load it ({type(exc).__name__}: {exc}).") from None
     if not (isinstance(cls, type) and issubclass(cls, Adapter)):
         raise HarnessError(f"--adapter {spec!r} is not a subclass of partywall.adapter.Adapter.")
+    if cls.api_version != API_VERSION:
+        raise HarnessError(f"--adapter {spec!r} was written for adapter API version {cls.api_version!r}; this "
+                           f"partywall speaks version {API_VERSION}.")
+    ops = frozenset(cls.operations)
+    if ops - KNOWN_OPERATIONS:
+        raise HarnessError(f"--adapter {spec!r} declares operations partywall does not know: "
+                           f"{', '.join(sorted(ops - KNOWN_OPERATIONS))} (known: {', '.join(sorted(KNOWN_OPERATIONS))}).")
+    if REQUIRED_OPERATIONS - ops:
+        raise HarnessError(f"--adapter {spec!r} lacks required operations: "
+                           f"{', '.join(sorted(REQUIRED_OPERATIONS - ops))}.")
     return cls()

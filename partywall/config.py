@@ -120,7 +120,8 @@ OPTIONS: tuple[Option, ...] = (
            "JSON file: [[tenants]] id = \"acme-test\", users = [{id = \"alice\", credential = \"...\"}, "
            "{id = \"bob\"}]; a user without credential gets one from --token-cmd; at least 2 tenants, "
            "2 users in the first", _TARGET, metavar="FILE"),
-    Option("adapter", "a partywall.adapter.Adapter subclass for a server with another wire format",
+    Option("adapter", "a partywall.adapter.Adapter subclass for a server with another wire format "
+           "(module:Class or path/to/file.py:Class)",
            _TARGET, key="adapter", metavar="MODULE:CLASS"),
     Option("ca_file", "wss://: verify the server's certificate against this PEM CA file instead of the "
            "system's trust store", _TARGET, metavar="PATH"),

@@ -33,7 +33,7 @@ import trio
 import trio_websocket
 from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError
 
-from partywall.adapter import FINAL_REPLY, Adapter, Frame
+from partywall.adapter import Adapter, Frame
 from partywall.errors import HarnessError
 from partywall.history import Event, History
 from partywall.target import tls_problem
@@ -345,7 +345,7 @@ class Driver:
         pending = self.pending.get(frame.re) if frame.re is not None else None
         if pending is not None and pending.conn == conn.name and not pending.done.is_set():
             pending.frames.append(frame)
-            if frame.type == "error" or frame.type == FINAL_REPLY.get(pending.type):
+            if self.adapter.completes(pending.type, frame):
                 kind = "fail" if frame.type == "error" else "ok"
                 done = self.history.append(
                     kind, pending.type, conn=conn.name, req_id=pending.req_id,

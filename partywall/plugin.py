@@ -36,7 +36,7 @@ from hypothesis import HealthCheck, Phase, Verbosity, settings
 from hypothesis.database import DirectoryBasedExampleDatabase
 
 from partywall import config as configmod
-from partywall.adapter import load_adapter
+from partywall.adapter import KNOWN_OPERATIONS, load_adapter
 from partywall.credentials import ProvisionedCredentials, from_settings, secretless_option
 from partywall.errors import HarnessError, Violation
 from partywall.session import Session
@@ -250,6 +250,9 @@ def partywall_session(partywall_run: Run) -> Iterator[Session]:
                       replay_dir=Path(found.get("replay_dir")), adapter=adapter, credentials=credentials,
                       identities=identities, on_example=run.on_example)
     run.session = session
+    for op in sorted(KNOWN_OPERATIONS - session.adapter.operations):
+        session.not_run_check(f"operation {op}", f"the {session.adapter.name} adapter declares no {op}, so the "
+                                                 "suite sends none and checks nothing of it")
     if not target.can_crash:
         session.not_run_check("crash_and_restart", f"the {target.kind} target was not started by the suite, so it cannot be crashed")
     for check, reason in credentials.not_run():

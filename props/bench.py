@@ -41,7 +41,7 @@ from partywall_props.invariants import INVARIANTS
 from partywall_props.model import Model
 
 from partywall import __version__
-from partywall.adapter import Frame, valid_id
+from partywall.adapter import Frame
 from partywall.checks import Checker
 from partywall.driver import Driver, Refused
 from partywall.errors import HarnessError, Violation
@@ -381,7 +381,7 @@ class BenchRun:
         self.sample_interval_s = sample_interval_s
         self.users = [UserRun(m, *self._identity(m, prefix)) for m in members]
         for u in self.users:
-            if not valid_id(u.tenant):
+            if not session.adapter.valid_id(u.tenant):
                 raise HarnessError(f"the tenant id {u.tenant!r} is not a valid id (1-64 code points, no "
                                    "whitespace); use a shorter tenant prefix.")
         self.conn_prefix = "b" + prefix
@@ -389,7 +389,8 @@ class BenchRun:
         # machine's; the bench judges time by its percentile thresholds
         # (one slow start-up of 100 is allowed by a p95 gate), so the model
         # gets none and `timing` violations come only from the thresholds.
-        self.checker = Checker(Model(session.registry, limits={}), INVARIANTS.select(), session.history)
+        self.checker = Checker(Model(session.registry, limits={}, adapter=session.adapter), INVARIANTS.select(),
+                               session.history)
         self.clock = FrameClock(self.checker)
         self.samples: dict[str, list[float]] = {m: [] for m in (*METRICS, SERVER_STARTUP)}
         self.overhead: list[float] = []

@@ -14,7 +14,7 @@ from typing import Any
 
 from partywall_props.model import Model, Req
 
-from partywall.adapter import FINAL_REPLY, REPLY_TYPES, Frame
+from partywall.adapter import Frame
 from partywall.checks import InvariantRegistry
 from partywall.errors import Violation
 from partywall.history import Event
@@ -406,13 +406,13 @@ def frames_match_schema(model: Model, ev: Event, frame: Frame | None) -> Iterato
     req = model.reqs.get(frame.re or "")
     if req is None or req.conn != ev.conn or frame.type == "error" or req.type.startswith("raw:"):
         return
-    allowed = REPLY_TYPES.get(req.type, ())
+    allowed = model.adapter.reply_types(req.type)
     if frame.type not in allowed:
         yield Violation("protocol", f"a {req.type} request was answered with {frame.type!r} (expected {' / '.join(allowed)})",
                         {**_where(model, ev), "request": req.req_id, "frame": frame.raw})
     elif req.type == "user_message" and frame.type in ("agent_chunk", "agent_response") and req.acked is None:
         yield Violation("protocol", f"{frame.type} arrived before the message's ack", {**_where(model, ev), "request": req.req_id, "frame": frame.raw})
-    elif req.outcome is not None and frame.type == FINAL_REPLY.get(req.type) and req.type != "user_message":
+    elif req.outcome is not None and model.adapter.completes(req.type, frame) and req.type != "user_message":
         yield Violation("protocol", f"a {req.type} request got a second {frame.type}", {**_where(model, ev), "request": req.req_id, "frame": frame.raw})
 
 

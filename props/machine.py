@@ -190,7 +190,7 @@ class TenantMachine(RuleBasedStateMachine):
         self.driver = s.driver
         self.prefix = s.next_prefix()
         limits = dict(s.config["timing"])
-        self.model = Model(s.registry, limits)
+        self.model = Model(s.registry, limits, adapter=s.adapter)
         self.checker = Checker(self.model, INVARIANTS.select(), s.history)
         self.driver.observer = self.checker
         self.program: list[dict[str, Any]] = []
@@ -215,6 +215,10 @@ class TenantMachine(RuleBasedStateMachine):
         """A credential that could not be had (a failing --token-cmd): the example stops, and so does the run."""
 
     # -- helpers ------------------------------------------------------------------
+
+    def has(self, operation: str) -> bool:
+        """Whether the service has ``operation`` (its adapter says; fixed for the whole run)."""
+        return operation in self.session.adapter.operations
 
     def _name(self, kind: str) -> str:
         n = self.counts[kind]
@@ -296,7 +300,7 @@ class TenantMachine(RuleBasedStateMachine):
         # generated step that caused it, never to this fixed opening alone.
         th0 = self._start(c0, self.prefix + "helper")
         self._start(c2, self.prefix + "helper2")
-        if self._open(c1, th0):
+        if self.has("join_thread") and self._open(c1, th0):
             self._join(c1, th0)
         self.outcome = f"tenants {t0.tid!r} and {t1.tid!r}; c0, c1 in {t0.name}, c2 in {t1.name}; th0 (c0, c1), th1 (c2)"
         return multiple(c0, c1, c2)
@@ -458,7 +462,7 @@ class TenantMachine(RuleBasedStateMachine):
             self.joined[conn.name].remove(thread)
         self.outcome = f"{conn.name} leave {thread.name}: {reply.type if reply else 'no reply'}"
 
-    @precondition(within_budget("join_sibling"))
+    @precondition(lambda self: self.has("join_thread") and within_budget("join_sibling")(self))
     @rule(conn=conns, i=st.integers(0, 7))
     @recorded
     def join_sibling(self, conn: ConnRef, i: int) -> None:
@@ -469,7 +473,7 @@ class TenantMachine(RuleBasedStateMachine):
         elif self._open(conn, threads[i % len(threads)]):
             self._join(conn, threads[i % len(threads)])
 
-    @precondition(within_budget("leave_joined"))
+    @precondition(lambda self: self.has("leave_thread") and within_budget("leave_joined")(self))
     @rule(conn=conns, i=st.integers(0, 7))
     @recorded
     def leave_joined(self, conn: ConnRef, i: int) -> None:
@@ -550,6 +554,10 @@ class TenantMachine(RuleBasedStateMachine):
         ref = self._thread(thread)
         if ref is None:
             return
+        if not self.has(request):
+            # Drawn all the same (the adapter is fixed for the run, so the program is too).
+            self.outcome = f"skipped: the service has no {request}"
+            return
         thread = ref  # type: ignore[assignment]
         if request == "join_thread":
             self._join_any(conn, thread)
@@ -592,6 +600,8 @@ class TenantMachine(RuleBasedStateMachine):
         for i, kind in enumerate(kinds):
             conn = conns_[i % len(conns_)]
             thread = self._thread(threads_[i % len(threads_)])
+            if not self.has(kind):
+                continue
             if kind not in ("start_agent", "ping", "list_threads") and (thread is None or thread.thread_id is None or conn.user.tenant.tid != thread.tenant.tid):
                 continue
             if not self._open(conn):

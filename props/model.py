@@ -17,7 +17,7 @@ from typing import Any
 
 import attrs
 
-from partywall.adapter import MAX_CONTENT, Frame, valid_id
+from partywall.adapter import Adapter, Frame
 from partywall.history import Event
 from partywall.markers import Registry, markers_in
 
@@ -103,7 +103,10 @@ class FanoutTurn:
 class Model:
     """The suite's view of the server, updated event by event."""
 
-    def __init__(self, registry: Registry | None = None, limits: dict[str, Any] | None = None) -> None:
+    def __init__(self, registry: Registry | None = None, limits: dict[str, Any] | None = None,
+                 adapter: Adapter | None = None) -> None:
+        self.adapter = adapter if adapter is not None else Adapter()
+        """The service's adapter: which frames answer a request, and its id and content limits."""
         self.registry = registry if registry is not None else Registry()
         self.limits: dict[str, Any] = dict(limits or {})
         """Per-operation time limits in ms ([tool.partywall.timing])."""
@@ -161,7 +164,7 @@ class Model:
         outcomes: set[str] = set()
         thread = fields.get("thread_id")
         if req_type == "start_agent":
-            bad = not valid_id(fields.get("assistant")) or (
+            bad = not self.adapter.valid_id(fields.get("assistant")) or (
                 "instructions" in fields and not isinstance(fields["instructions"], str)
             )
             return frozenset({"bad_request"} if bad else {"ok"})
@@ -179,7 +182,7 @@ class Model:
                 outcomes.add("bad_request")
         if req_type == "user_message":
             content = fields.get("content")
-            if not isinstance(content, str) or len(content.encode("utf-8", "surrogatepass")) > MAX_CONTENT:
+            if not isinstance(content, str) or len(content.encode("utf-8", "surrogatepass")) > self.adapter.limits.max_content:
                 outcomes.add("bad_request")
         if not exists:
             if outcomes:
