@@ -78,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Every setting, its value and its source; secrets are masked.")
     _add_options(cfg, "config")
 
+    doc = sub.add_parser("doctor", help="try each operation once and show what the adapter made of the answers",
+                         description="Reach the target with the adapter and credentials given, send each "
+                                     "operation the adapter declares once, and print every answer and whether "
+                                     "the adapter understood it: the first command to run while writing an adapter.")
+    _add_options(doc, "doctor")
+
     sub.add_parser("serve", help="start the reference server (a random secret unless one is given)",
                    description="Every option goes to the reference server; `partywall serve --help` lists them.",
                    add_help=False)
@@ -220,6 +226,12 @@ def cmd_config(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(ns: argparse.Namespace) -> int:
+    from partywall.doctor import run_doctor
+
+    return run_doctor(configmod.resolve(_given(ns)))
+
+
 def cmd_serve(args: list[str]) -> int:
     if args and args[0] == "--":
         args = args[1:]
@@ -248,7 +260,8 @@ def cmd_token(ns: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "bench": cmd_bench, "replay": cmd_replay, "config": cmd_config, "token": cmd_token}
+COMMANDS = {"run": cmd_run, "bench": cmd_bench, "replay": cmd_replay, "config": cmd_config, "doctor": cmd_doctor,
+            "token": cmd_token}
 
 
 def main(argv: list[str] | None = None) -> int:

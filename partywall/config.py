@@ -96,8 +96,8 @@ class Option:
         return text
 
 
-_ALL = ("run", "bench", "replay", "config")
-_TARGET = ("run", "bench", "replay", "config")
+_ALL = ("run", "bench", "replay", "config", "doctor")
+_TARGET = ("run", "bench", "replay", "config", "doctor")
 
 OPTIONS: tuple[Option, ...] = (
     Option("config", "read [tool.partywall] from this pyproject.toml (default: the nearest one "
@@ -106,7 +106,8 @@ OPTIONS: tuple[Option, ...] = (
            "(repeatable)", _ALL, kind="list", metavar="KEY=VALUE"),
     Option("profile", "the Hypothesis profile: smoke, dev, ci, nightly or one of your own",
            ("run", "config"), key="profile", metavar="NAME"),
-    Option("seed", "the run's seed (default: the profile's, else random)", _ALL, kind="int", metavar="N"),
+    Option("seed", "the run's seed (default: the profile's, else random)", ("run", "bench", "replay", "config"),
+           kind="int", metavar="N"),
     Option("server_url", "test a running server at ws://HOST:PORT/ws (crash checks cannot run)",
            _TARGET, key="server_url", metavar="URL"),
     Option("server_cmd", "start the server with `sh -c CMD`; it prints `listening on ws://HOST:PORT/ws`",

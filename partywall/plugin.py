@@ -36,11 +36,8 @@ from hypothesis import HealthCheck, Phase, Verbosity, settings
 from hypothesis.database import DirectoryBasedExampleDatabase
 
 from partywall import config as configmod
-from partywall.adapter import KNOWN_OPERATIONS, load_adapter
-from partywall.credentials import ProvisionedCredentials, from_settings, secretless_option
 from partywall.errors import HarnessError, Violation
-from partywall.session import Session
-from partywall.target import make_target
+from partywall.session import Session, session_from_settings
 
 #: The profile of the 100-user benchmark; not one a project configures.
 BENCH_PROFILE = "bench"
@@ -225,38 +222,12 @@ def partywall_config(partywall_run: Run) -> dict[str, Any]:
 def partywall_session(partywall_run: Run) -> Iterator[Session]:
     """The run: target started or reached, seed fixed, report kept."""
     run = partywall_run
-    found = run.settings
     try:
-        target = make_target(
-            server_url=found.get("server_url"),
-            server_cmd=found.get("server_cmd"),
-            auth_secret=found.get("auth_secret"),
-            server_pid=found.get("server_pid"),
-            ready_timeout_s=float(found["server_ready_timeout_s"]),
-            credentials_from=secretless_option(found.get),
-            ca_file=found.get("ca_file"),
-            insecure=bool(found.get("insecure")),
-        )
-        adapter = load_adapter(found.get("adapter"))
-        credentials, identities = from_settings(
-            secret=target.secret, token_cmd=found.get("token_cmd"), identities=found.get("identities"),
-            timeout_s=float(found["token_cmd_timeout_s"]))
-        if isinstance(credentials, ProvisionedCredentials):
-            credentials.prefetch()  # a token command that fails stops the run now, not mid-example
+        session = session_from_settings(run.settings, seed=run.seed, profile=run.profile, on_example=run.on_example)
     except HarnessError as exc:
         run.fail(str(exc))
         pytest.exit(f"partywall: {exc}", returncode=2)
-    session = Session(config=found.table, target=target, seed=run.seed, profile=run.profile,
-                      replay_dir=Path(found.get("replay_dir")), adapter=adapter, credentials=credentials,
-                      identities=identities, on_example=run.on_example)
     run.session = session
-    for op in sorted(KNOWN_OPERATIONS - session.adapter.operations):
-        session.not_run_check(f"operation {op}", f"the {session.adapter.name} adapter declares no {op}, so the "
-                                                 "suite sends none and checks nothing of it")
-    if not target.can_crash:
-        session.not_run_check("crash_and_restart", f"the {target.kind} target was not started by the suite, so it cannot be crashed")
-    for check, reason in credentials.not_run():
-        session.not_run_check(check, reason)
     try:
         session.start(observer=lambda ev, frame: None)
     except HarnessError as exc:

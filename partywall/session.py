@@ -19,13 +19,20 @@ from typing import Any
 import attrs
 
 from partywall import __version__
-from partywall.adapter import Adapter
-from partywall.credentials import Credentials, Identities, MintedCredentials
+from partywall.adapter import KNOWN_OPERATIONS, Adapter, load_adapter
+from partywall.credentials import (
+    Credentials,
+    Identities,
+    MintedCredentials,
+    ProvisionedCredentials,
+    from_settings,
+    secretless_option,
+)
 from partywall.driver import Driver, Observer
 from partywall.errors import Violation
 from partywall.history import History
 from partywall.markers import MarkerMint, Registry
-from partywall.target import Target
+from partywall.target import Target, make_target
 
 
 @attrs.define(eq=False)
@@ -148,3 +155,40 @@ class Session:
 
     def write_report(self, path: str | os.PathLike[str]) -> None:
         Path(path).write_text(json.dumps(self.to_json(), indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def session_from_settings(found: Any, *, seed: int, profile: str,
+                          on_example: Callable[[Session], None] | None = None) -> Session:
+    """The target, adapter and credentials the settings (`partywall.config.Settings`) name, as one
+    Session, not yet started; what the service or the credentials make impossible is in ``not_run``.
+
+    HarnessError when an option is wrong or a credential cannot be had.
+    """
+    target = make_target(
+        server_url=found.get("server_url"),
+        server_cmd=found.get("server_cmd"),
+        auth_secret=found.get("auth_secret"),
+        server_pid=found.get("server_pid"),
+        ready_timeout_s=float(found["server_ready_timeout_s"]),
+        credentials_from=secretless_option(found.get),
+        ca_file=found.get("ca_file"),
+        insecure=bool(found.get("insecure")),
+    )
+    adapter = load_adapter(found.get("adapter"))
+    credentials, identities = from_settings(
+        secret=target.secret, token_cmd=found.get("token_cmd"), identities=found.get("identities"),
+        timeout_s=float(found["token_cmd_timeout_s"]))
+    if isinstance(credentials, ProvisionedCredentials):
+        credentials.prefetch()  # a token command that fails stops the run now, not mid-example
+    session = Session(config=found.table, target=target, seed=seed, profile=profile,
+                      replay_dir=Path(found.get("replay_dir")), adapter=adapter, credentials=credentials,
+                      identities=identities, on_example=on_example)
+    for op in sorted(KNOWN_OPERATIONS - adapter.operations):
+        session.not_run_check(f"operation {op}", f"the {adapter.name} adapter declares no {op}, so the "
+                                                 "suite sends none and checks nothing of it")
+    if not target.can_crash:
+        session.not_run_check("crash_and_restart",
+                              f"the {target.kind} target was not started by the suite, so it cannot be crashed")
+    for check, reason in credentials.not_run():
+        session.not_run_check(check, reason)
+    return session

@@ -98,3 +98,30 @@ def test_adapter_api_version_mismatch_stops_the_cli_with_one_line(tmp_path: Path
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert "adapter API version 0" in lines[0] and f"speaks version {API_VERSION}" in lines[0]
+
+
+def test_doctor_shows_each_operation_understood(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    proc = subprocess.run([sys.executable, "-m", "partywall.cli", "doctor"], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    for op in ("ping", "start_agent", "user_message", "get_history", "list_threads", "leave_thread", "join_thread"):
+        assert f"{op}: understood" in proc.stdout
+    assert "<- agent_response:" in proc.stdout
+
+
+def test_doctor_names_the_operation_the_adapter_misreads(tmp_path: Path) -> None:
+    """An adapter that does not know which frame ends a ping: the doctor says so, exit 2."""
+    path = write(tmp_path, "deaf.py", (
+        "from partywall.adapter import Adapter\n\n"
+        "class Deaf(Adapter):\n"
+        "    def completes(self, req_type, frame):\n"
+        "        return req_type != 'ping' and super().completes(req_type, frame)\n"))
+    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    proc = subprocess.run([sys.executable, "-m", "partywall.cli", "doctor", "--adapter", f"{path}:Deaf",
+                           "--set", "reply_timeout_s=1"], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path, env=env)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "ping: NOT UNDERSTOOD" in proc.stdout and "recognised no frame" in proc.stdout
+    assert "start_agent: understood" in proc.stdout
+    assert "did not understand the answers to ping." in proc.stdout
