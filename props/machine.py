@@ -34,11 +34,11 @@ from typing import Any
 
 import attrs
 import trio
+from hypothesis import currently_in_test_context
 from hypothesis import event as _event
 from hypothesis import note as _note
 from hypothesis import strategies as st
 from hypothesis import target as _target
-from hypothesis.control import currently_in_test_context
 from hypothesis.stateful import (
     Bundle,
     MultipleResults,
