@@ -62,6 +62,7 @@ and garbage.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -261,10 +262,8 @@ class CommandCredentials(Credentials):
         try:
             out, err = proc.communicate(timeout=self.timeout_s)
         except subprocess.TimeoutExpired:
-            try:
+            with contextlib.suppress(ProcessLookupError):  # the whole group is already gone
                 os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             out, err = proc.communicate()
             raise HarnessError(f"--token-cmd {self.cmd!r} took longer than {self.timeout_s:g} s for {who}, so it "
                                f"was stopped{_stderr_said(err)}") from None
