@@ -39,16 +39,8 @@ PROPERTIES = "partywall_props"
 
 def _add_options(p: argparse.ArgumentParser, command: str) -> None:
     for opt in configmod.OPTIONS:
-        if command not in opt.commands:
-            continue
-        kwargs: dict[str, Any] = {"dest": opt.name, "help": f"{opt.help} [{opt.env}]"}
-        if opt.kind == "list":
-            kwargs.update(action="append", default=[], metavar=opt.metavar)
-        elif opt.kind == "flag":
-            kwargs.update(action="store_true")
-        else:
-            kwargs.update(metavar=opt.metavar, type=int if opt.kind == "int" else str)
-        p.add_argument(opt.flag, **kwargs)
+        if command in opt.commands:
+            opt.add_to(p.add_argument)
     if command in {"run", "bench", "replay"}:
         p.add_argument("-v", "--verbose", action="store_true", help="show the rules run and the full text of any failure")
 

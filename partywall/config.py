@@ -27,7 +27,7 @@ import json
 import os
 import shlex
 import tomllib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +77,18 @@ class Option:
     @property
     def pytest_dest(self) -> str:
         return "partywall_" + self.name
+
+    def add_to(self, add: Callable[..., Any], *, pytest: bool = False) -> None:
+        """Declare it with ``add`` (argparse's ``add_argument`` or pytest's ``addoption``, which take the same words)."""
+        kwargs: dict[str, Any] = {"dest": self.pytest_dest if pytest else self.name,
+                                  "help": f"{self.help} [{self.env}]"}
+        if self.kind == "list":
+            kwargs.update(action="append", default=[], metavar=self.metavar)
+        elif self.kind == "flag":
+            kwargs.update(action="store_true", default=False)
+        else:
+            kwargs.update(default=None, metavar=self.metavar, type=int if self.kind == "int" else str)
+        add(self.pytest_flag if pytest else self.flag, **kwargs)
 
     def parse(self, text: str, where: str) -> Any:
         """The value of ``text`` read from ``where`` (an environment variable), or HarnessError."""

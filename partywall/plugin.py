@@ -109,14 +109,7 @@ def register_profiles(table: dict[str, Any]) -> None:
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("partywall", "partywall: the server under test and the run")
     for opt in configmod.OPTIONS:
-        kwargs: dict[str, Any] = {"dest": opt.pytest_dest, "help": f"{opt.help} (or {opt.env})"}
-        if opt.kind == "list":
-            kwargs.update(action="append", default=[], metavar=opt.metavar)
-        elif opt.kind == "flag":
-            kwargs.update(action="store_true", default=False)
-        else:
-            kwargs.update(default=None, metavar=opt.metavar, type=int if opt.kind == "int" else str)
-        group.addoption(opt.pytest_flag, **kwargs)
+        opt.add_to(group.addoption, pytest=True)
     group.addoption("--partywall-replay", default=None, metavar="FILE", help="replay this failure file step by step")
     group.addoption("--partywall-list-invariants", action="store_true", help="print the invariants and run nothing")
 
@@ -248,7 +241,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         return
     # Violations come back through the session's record; anything else (an adapter that raised,
     # a bug of partywall's own) is the reason the run could not be made.
-    run.fail(f"{item.name} stopped with {excinfo.typename}: {str(excinfo.value).strip().splitlines()[0] if str(excinfo.value).strip() else '(no message)'}")
+    lines = str(excinfo.value).strip().splitlines()
+    run.fail(f"{item.name} stopped with {excinfo.typename}: {lines[0] if lines else '(no message)'}")
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

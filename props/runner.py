@@ -51,7 +51,7 @@ def run_property(session: Session, machine: type[TenantMachine] = TenantMachine)
                   f"Replay: partywall replay {path}\n{format_program(program)}")
         session.report(violation, f"{k}/{REPRODUCE_RUNS}", str(path), detail)
         raise Violation(violation.invariant, f"{violation.title}\n\n{detail}", violation.evidence,
-                        ) from (exc if not isinstance(exc, Violation) else None)
+                        violation.check) from (exc if not isinstance(exc, Violation) else None)
     finally:
         session.stats["steps_per_second"] = _rate(session)
     for v in percentile_violations(session.samples, session.config["timing"]):
@@ -110,7 +110,8 @@ def shrink_program(program: list[dict[str, Any]], found: Violation, run: Replay,
     (``found.evidence["step"]``, 1-based); drop every step of one rule at once,
     rule by rule; remove halves, quarters... single steps; try the `SIMPLER`
     argument values. The opening `world` step is never removed. A candidate is
-    kept only if ``run`` raises the same invariant with it, tried up to three
+    kept only if ``run`` raises the same finding with it (`_same`: the invariant
+    and the check), tried up to three
     times (a failure against a live server may not reproduce every time), and
     is kept as far as ``run`` got (its outcomes, written into each step's
     ``then``); a candidate ``run`` refuses with HarnessError is not a valid
