@@ -9,18 +9,26 @@ a socket and back, and says what the service offers:
 - ``operations``: the operations the service has (``REQUIRED_OPERATIONS``
   at least); the state machine draws only those, and the checks that need a
   missing one are listed under ``not_run``;
-- ``limits``: its id and content limits, which the model predicts outcomes by;
-- ``handshake``, ``encode``, ``decode``: where the credential travels, how a
-  request is framed, how a frame is parsed and checked;
+- ``limits``: its id and content limits, which the model predicts outcomes by
+  and the generated boundaries (the longest id, the largest message) follow;
+- ``semantics``: who a thread belongs to (its tenant, or the user who opened
+  it) and who receives its fan-out (connections that joined it, every other
+  connection of its owner, or nobody but the requester); the model, the probes
+  and the checks follow them;
+- ``handshake``, ``auth_message``, ``encode``, ``decode``: where the credential
+  travels (a header, the query, a cookie, or a first message after the socket
+  opens), how a request is framed, how a frame is parsed and checked, mapped
+  onto the suite's vocabulary of events (`Frame`);
 - ``completes`` and ``reply_types``: which frames answer a request and which
   one completes it (the driver and the checks ask these, never a table of
-  protocol v1's).
+  protocol v1's);
+- ``bad_frame``: the malformed frames of its wire format, and the answer the
+  service owes each.
 
-`Adapter` itself is protocol v1 of PROTOCOL.md over WebSocket text frames.
-A server with another wire format subclasses it and overrides what differs.
-Still specific to v1 and not yet behind this API: the generated values
-(strategies draw v1's ids and contents) and the model's rules of tenancy and
-fan-out (threads shared in the tenant, fan-out to joined connections).
+`Adapter` itself is protocol v1 of PROTOCOL.md over WebSocket text frames:
+everything specific to v1 (its schema, limits, vocabulary, the rules only v1
+states) lives in this class. A service with another protocol subclasses it and
+overrides what differs; ``examples/chatline/adapter.py`` is a worked case.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ import json
 import math
 import unicodedata
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import attrs
@@ -84,6 +92,53 @@ class Limits:
     """Longest message content, in bytes of UTF-8."""
     max_frame_in: int = MAX_FRAME_IN
     """Longest client message, in bytes."""
+
+
+#: The kinds of malformed frame the suite sends (`Adapter.bad_frame` makes each in the service's format).
+BAD_FRAME_KINDS = (
+    "invalid_json",
+    "binary",
+    "nan",
+    "non_object",
+    "unknown_type",
+    "missing_field",
+    "wrong_type",
+    "lone_surrogate",
+    "long_id",
+    "oversize",
+)
+
+#: Who a thread belongs to: everyone of its tenant, or only the user who opened it.
+THREAD_SCOPES = ("tenant", "user")
+#: Who receives a thread's fan-out besides the requester's own replies.
+FANOUT_RULES = ("joined", "owner", "requester")
+
+
+@attrs.frozen
+class Semantics:
+    """What a thread means on this service; the model, the probes and the checks follow it."""
+
+    thread_scope: str = attrs.field(default="tenant", validator=attrs.validators.in_(THREAD_SCOPES))
+    """``tenant``: a thread is shared by every user of the tenant that opened it (protocol v1).
+    ``user``: it is private to the user who opened it; another user of the same tenant must
+    find it exactly as if it did not exist, and nothing of it may reach that user."""
+    fanout: str = attrs.field(default="joined", validator=attrs.validators.in_(FANOUT_RULES))
+    """``joined``: connections that joined the thread receive its turns (protocol v1; the
+    service then needs join_thread, and a message may only be sent by a joined connection).
+    ``owner``: every other open connection of the thread's owner receives them (multi-device
+    sync; any connection of the owner may send). ``requester``: nobody but the requester."""
+
+
+class BadFrame(NamedTuple):
+    """A malformed frame and the answer the service owes it."""
+
+    message: str | bytes
+    req_id: str
+    """The request id written in it."""
+    readable: bool | None
+    """Whether the error must carry that id as its ``re`` (None: the protocol leaves it open)."""
+    expect: str
+    """The error kind the service must answer with."""
 
 
 def valid_id(value: Any, max_len: int = MAX_ID) -> bool:
@@ -164,6 +219,14 @@ class Adapter:
     operations: ClassVar[frozenset[str]] = KNOWN_OPERATIONS
     """The operations the service has."""
     limits: ClassVar[Limits] = Limits()
+    semantics: ClassVar[Semantics] = Semantics()
+    """Threads shared in the tenant, fan-out to the connections that joined them."""
+    history_limit: ClassVar[bool] = True
+    """Whether get_history takes a ``limit`` (the newest N messages)."""
+    credential_ways: ClassVar[dict[str, str]] = {"header": "an Authorization: Bearer header",
+                                                 "query": "the token query parameter"}
+    """The two ways the machine draws (``header`` and ``query``) and what each means on this
+    service, for the report (two ways of its own, or the same one twice)."""
 
     def completes(self, req_type: str, frame: Frame) -> bool:
         """Whether ``frame``, an answer to a request of ``req_type``, is its last one."""
@@ -192,9 +255,44 @@ class Adapter:
             return urlunsplit(parts._replace(query=query)), []
         raise HarnessError(f"token must go via 'header' or 'query' (got {via!r}).")
 
+    def auth_message(self, token: str, via: str) -> str | bytes | None:
+        """The first message after the socket opens, for a service that authenticates there
+        (None, as in v1: the credential went with the handshake). The service's answer to it
+        is the first frame, decoded as ``welcome`` when it let the connection in."""
+        return None
+
     def encode(self, req_type: str, req_id: str, fields: dict[str, Any]) -> str:
         """The text frame for a request."""
         return json.dumps({"type": req_type, "id": req_id, **fields}, ensure_ascii=False)
+
+    def bad_frame(self, kind: str, req_id: str) -> BadFrame | None:
+        """The malformed frame of ``kind`` (one of ``BAD_FRAME_KINDS``) carrying ``req_id``, and
+        the answer PROTOCOL.md requires; None where the wire format has no such frame."""
+        rid = json.dumps(req_id)
+        if kind == "invalid_json":
+            return BadFrame('{"type": "ping", "id": ' + rid + ",", req_id, False, "bad_request")
+        if kind == "binary":
+            return BadFrame(json.dumps({"type": "ping", "id": req_id}).encode(), req_id, False, "bad_request")
+        if kind == "nan":
+            return BadFrame('{"type": "get_history", "id": ' + rid + ', "thread_id": "x", "limit": NaN}', req_id, None,
+                            "bad_request")
+        if kind == "non_object":
+            return BadFrame(json.dumps(["ping", req_id]), req_id, False, "bad_request")
+        if kind == "unknown_type":
+            return BadFrame(json.dumps({"type": "subscribe_all_tenants", "id": req_id}), req_id, True, "bad_request")
+        if kind == "missing_field":
+            return BadFrame(json.dumps({"type": "user_message", "id": req_id, "content": "x"}), req_id, True, "bad_request")
+        if kind == "wrong_type":
+            return BadFrame(json.dumps({"type": "join_thread", "id": req_id, "thread_id": 42}), req_id, True, "bad_request")
+        if kind == "lone_surrogate":
+            return BadFrame('{"type": "ping", "id": ' + rid + ', "note": "\\ud800"}', req_id, None, "bad_request")
+        if kind == "long_id":
+            long_id = (req_id + "-" + "i" * self.limits.max_id)[: self.limits.max_id + 1]
+            return BadFrame(json.dumps({"type": "ping", "id": long_id}), long_id, None, "bad_request")
+        if kind == "oversize":
+            pad = "x" * (self.limits.max_frame_in + 1)
+            return BadFrame(json.dumps({"type": "ping", "id": req_id, "pad": pad}), req_id, False, "too_large")
+        return None
 
     def decode(self, message: str | bytes) -> Frame:
         """Parse a server frame and check it against the schema of its type."""
@@ -232,6 +330,8 @@ class Adapter:
         if ftype == "threads" and isinstance(data.get("threads"), list):
             for i, item in enumerate(data["threads"]):
                 problems.extend(_item(item, _THREAD_ITEM, f"threads.threads[{i}]"))
+        if ftype == "welcome" and data.get("protocol") != 1:
+            problems.append(f"welcome says protocol {data.get('protocol')!r}, not 1")
         if ftype == "thread_message" and data.get("role") != "user":
             problems.append(f"thread_message role must be 'user' (got {data.get('role')!r})")
         return Frame(ftype, data, message, tuple(problems))
@@ -287,4 +387,12 @@ def load_adapter(spec: str | None) -> Adapter:
     if REQUIRED_OPERATIONS - ops:
         raise HarnessError(f"--adapter {spec!r} lacks required operations: "
                            f"{', '.join(sorted(REQUIRED_OPERATIONS - ops))}.")
+    sem = cls.semantics
+    if not isinstance(sem, Semantics):
+        raise HarnessError(f"--adapter {spec!r}: semantics must be a partywall.adapter.Semantics (got {sem!r}).")
+    if sem.fanout == "joined" and "join_thread" not in ops:
+        raise HarnessError(f"--adapter {spec!r} declares fan-out to joined connections but no join_thread.")
+    if sem.fanout != "joined" and ops & {"join_thread", "leave_thread"}:
+        raise HarnessError(f"--adapter {spec!r} declares join_thread/leave_thread, which only fan-out to joined "
+                           f"connections uses (its fan-out is {sem.fanout!r}).")
     return cls()

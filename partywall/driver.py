@@ -100,6 +100,14 @@ class Refused:
     reason: str
 
 
+class _NotLetIn(Exception):
+    """The service's first frame was not a welcome: it refused the credential after the socket opened."""
+
+    def __init__(self, frame: Frame) -> None:
+        super().__init__(frame.raw)
+        self.frame = frame
+
+
 def _only(group: BaseExceptionGroup) -> BaseException:
     """The one exception inside (nested) groups, or the group itself when there are several."""
     while isinstance(group, BaseExceptionGroup) and len(group.exceptions) == 1:
@@ -186,6 +194,10 @@ class Driver:
         try:
             with trio.fail_after(self.connect_timeout_s):
                 await self._open_tls(tcp, parts.hostname)
+        except _NotLetIn as exc:
+            frame = exc.frame
+            self._outcome("fail", "connect", conn, reason="refused after the socket opened", frame=frame.raw, t0=t0)
+            return Refused(None, f"refused after the socket opened: {frame.raw[:160]}")
         except trio.TooSlowError:
             raise HarnessError(
                 f"the TLS handshake with {self.url} did not finish within {self.connect_timeout_s:g} s; "
@@ -252,10 +264,11 @@ class Driver:
                                  data={"tenant": tenant, "user": user, "via": via, "token_kind": token_kind})
         self._observe(ev, None)
         url, headers = self.adapter.handshake(self.url, token, via)
+        hello = self.adapter.auth_message(token, via)
         try:
             try:
                 with trio.fail_after(self.connect_timeout_s):
-                    await self._nursery.start(self._own, conn, url, headers)
+                    await self._nursery.start(self._own, conn, url, headers, hello)
             except BaseExceptionGroup as group:
                 raise _only(group) from None
         except ConnectionRejected as exc:
@@ -263,6 +276,10 @@ class Driver:
             body = (exc.body or b"").decode("utf-8", "replace")
             self._outcome("fail", "connect", conn, status=exc.status_code, body=body, t0=t0)
             return refused
+        except _NotLetIn as exc:
+            frame = exc.frame
+            self._outcome("fail", "connect", conn, reason="refused after the socket opened", frame=frame.raw, t0=t0)
+            return Refused(None, f"refused after the socket opened: {frame.raw[:160]}")
         except trio.TooSlowError:
             self._outcome("info", "connect", conn, reason="timeout", limit_s=self.connect_timeout_s, t0=t0)
             return Refused(None, f"no welcome within {self.connect_timeout_s} s")
@@ -279,7 +296,8 @@ class Driver:
         ev = self.history.append(kind, op, conn=conn.name, data=data)
         self._observe(ev, None)
 
-    async def _own(self, conn: Conn, url: str, headers: list[tuple[str, str]], task_status: Any) -> None:
+    async def _own(self, conn: Conn, url: str, headers: list[tuple[str, str]], hello: str | bytes | None,
+                   task_status: Any) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("ws", "wss") or not parts.hostname or parts.port is None:
             raise HandshakeError(f"expected a ws:// or wss://HOST:PORT/PATH URL (got {url!r})")
@@ -306,9 +324,13 @@ class Driver:
                     receive_buffer_size=65536,
                 )
                 conn.ws = ws
+                if hello is not None:
+                    await ws.send_message(hello)  # a service that authenticates in the first message
                 first = await ws.get_message()
                 frame = self._record_frame(conn, first)
-                conn.welcome = frame.data if frame.type == "welcome" else None
+                if frame.type != "welcome":
+                    raise _NotLetIn(frame)
+                conn.welcome = frame.data
                 conn.open = True
                 task_status.started(conn)
                 inner.start_soon(self._read, conn, ws)

@@ -55,6 +55,12 @@ class Owner:
     """What kind of thing it is: marker, thread_id, message_id, agent_id, assistant_id, connection_id."""
     origin: str
     """Where the suite first saw it: a connection name and frame seq, or the request that planted it."""
+    user: str | None = None
+    """The user it belongs to, where threads are private to their user (None: the whole tenant's)."""
+
+    def label(self) -> str:
+        """The owner in words: ``tenant 'acme'``, or ``user 'alice' of tenant 'acme'``."""
+        return f"tenant {self.tenant!r}" if self.user is None else f"user {self.user!r} of tenant {self.tenant!r}"
 
 
 class Registry:
@@ -63,9 +69,10 @@ class Registry:
     def __init__(self) -> None:
         self._owners: dict[str, Owner] = {}
 
-    def claim(self, token: str, tenant: str, what: str, origin: str) -> Owner:
-        """Record ``token`` as ``tenant``'s, unless it is known already; return its owner."""
-        return self._owners.setdefault(token, Owner(tenant, what, origin))
+    def claim(self, token: str, tenant: str, what: str, origin: str, user: str | None = None) -> Owner:
+        """Record ``token`` as ``tenant``'s (and ``user``'s, where threads are private to their user),
+        unless it is known already; return its owner."""
+        return self._owners.setdefault(token, Owner(tenant, what, origin, user))
 
     def owner(self, token: str) -> Owner | None:
         return self._owners.get(token)

@@ -186,6 +186,13 @@ def session_from_settings(found: Any, *, seed: int, profile: str,
     for op in sorted(KNOWN_OPERATIONS - adapter.operations):
         session.not_run_check(f"operation {op}", f"the {adapter.name} adapter declares no {op}, so the "
                                                  "suite sends none and checks nothing of it")
+    sem = adapter.semantics
+    if not adapter.history_limit:
+        session.not_run_check("get_history limit", f"the {adapter.name} adapter says get_history takes no limit, so "
+                                                   "history is only read whole")
+    if sem.fanout == "requester":
+        session.not_run_check("fan-out copies", f"the {adapter.name} adapter declares fan-out to nobody but the "
+                                                "requester, so only that none arrives is checked (fanout_to_members)")
     if not target.can_crash:
         session.not_run_check("crash_and_restart",
                               f"the {target.kind} target was not started by the suite, so it cannot be crashed")

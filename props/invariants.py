@@ -23,8 +23,9 @@ from partywall.markers import markers_in
 INVARIANTS = InvariantRegistry()
 register = INVARIANTS.register
 
-INVARIANTS.describe("isolation", "nothing of another tenant reaches a connection, and foreign ids answer like nonexistent ones")
-INVARIANTS.describe("routing", "fan-out goes only to joined connections, and a reply only to the connection that asked")
+INVARIANTS.describe("isolation", "nothing of another tenant (or user, where threads are private) reaches a connection, "
+                                 "and foreign ids answer like nonexistent ones")
+INVARIANTS.describe("routing", "fan-out goes only where the service's rule sends it, and a reply only to the connection that asked")
 INVARIANTS.describe("durability", "acked messages and sent replies are in history, unchanged, after disconnects and crashes")
 INVARIANTS.describe("exactly-once", "each acked message gets one complete reply: no chunk missing, repeated or skipped")
 INVARIANTS.describe("ordering", "history is in commit order, each user message followed by its reply, chunks in seq order")
@@ -61,26 +62,27 @@ def _own_reply(model: Model, ev: Event, frame: Frame | None, ftype: str) -> Req 
 
 @register("isolation")
 def no_foreign_data(model: Model, ev: Event, frame: Frame | None) -> Iterator[Violation]:
-    """No marker, server id or user id of another tenant reaches a connection."""
+    """No marker, server id or user id of another tenant (or user, where threads are private) reaches a connection."""
     if not _frame_in(model, ev, frame):
         return
     assert frame is not None
-    tenant = model.tenant_of(ev.conn)  # type: ignore[arg-type]
+    party = model.party_of(ev.conn)  # type: ignore[arg-type]
+    tenant, here = party[0], model.party_label(party)
     for marker in dict.fromkeys(markers_in(frame.raw)):
         owner = model.registry.owner(marker)
         if owner is None:
-            yield Violation("isolation", f"a marker this run never sent reached tenant {tenant!r}",
+            yield Violation("isolation", f"a marker this run never sent reached {here}",
                             {**_where(model, ev), "marker": marker, "frame": frame.raw})
-        elif owner.tenant != tenant:
-            yield Violation("isolation", f"tenant {owner.tenant!r}'s marker reached a connection of tenant {tenant!r}",
-                            {**_where(model, ev), "marker": marker, "owner_tenant": owner.tenant,
+        elif (owner.tenant, owner.user) != party:
+            yield Violation("isolation", f"{owner.label()}'s marker reached a connection of {here}",
+                            {**_where(model, ev), "marker": marker, "owner_tenant": owner.tenant, "owner_user": owner.user,
                              "planted_by": owner.origin, "frame": frame.raw})
     for field, value in dict.fromkeys(model.ids_in(frame.data)):
         owner = model.registry.owner(value)
-        if owner is not None and owner.tenant != tenant:
-            yield Violation("isolation", f"tenant {owner.tenant!r}'s {owner.what} reached a connection of tenant {tenant!r}",
+        if owner is not None and (owner.tenant, owner.user) != party:
+            yield Violation("isolation", f"{owner.label()}'s {owner.what} reached a connection of {here}",
                             {**_where(model, ev), "field": field, "id": value, "owner_tenant": owner.tenant,
-                             "first_seen": owner.origin, "frame": frame.raw})
+                             "owner_user": owner.user, "first_seen": owner.origin, "frame": frame.raw})
     known_users = model.users.get(tenant, set())
     for user in dict.fromkeys(model.users_in(frame.data)):
         if user not in known_users:
@@ -105,14 +107,15 @@ def identity_as_token(model: Model, ev: Event, frame: Frame | None) -> Iterator[
 
 @register("isolation")
 def foreign_like_absent(model: Model, ev: Event, frame: Frame | None) -> Iterator[Violation]:
-    """An id of another tenant is answered exactly like an id that does not exist."""
+    """An id of another tenant (or user, where threads are private) is answered exactly like one that does not exist."""
     if not _frame_in(model, ev, frame) or frame is None or frame.re not in model.probes:
         return
     probe = model.probes[frame.re]
     mine = "foreign" if probe["foreign"] == frame.re else "absent"
     other = probe["absent"] if mine == "foreign" else probe["foreign"]
     if mine == "foreign" and frame.type != "error":
-        yield Violation("isolation", f"{probe['request']} on another tenant's thread was answered with {frame.type!r}, not not_found",
+        yield Violation("isolation", f"{probe['request']} on {probe.get('whose', 'another tenant')}'s thread was answered with "
+                                     f"{frame.type!r}, not not_found",
                         {**_where(model, ev), "probe": probe, "frame": frame.raw})
         return
     other_reply = model.probe_replies.get(other)
@@ -122,7 +125,8 @@ def foreign_like_absent(model: Model, ev: Event, frame: Frame | None) -> Iterato
     other_cmp = {k: v for k, v in other_reply.items() if k != "re"}
     if mine_cmp != other_cmp:
         foreign_reply, absent_reply = (mine_cmp, other_cmp) if mine == "foreign" else (other_cmp, mine_cmp)
-        yield Violation("isolation", "another tenant's thread id is answered differently from an id that does not exist",
+        yield Violation("isolation", f"{probe.get('whose', 'another tenant')}'s thread id is answered differently from an "
+                                     "id that does not exist",
                         {**_where(model, ev), "probe": probe, "foreign_reply": foreign_reply, "absent_reply": absent_reply})
 
 
@@ -146,15 +150,42 @@ def replies_to_sender(model: Model, ev: Event, frame: Frame | None) -> Iterator[
 
 @register("routing")
 def fanout_to_members(model: Model, ev: Event, frame: Frame | None) -> Iterator[Violation]:
-    """Fan-out of a thread reaches only connections that joined it and have not left."""
+    """Fan-out of a thread reaches only where the service's rule sends it: connections that joined it
+    and have not left, the owner's other connections, or none."""
     if not _frame_in(model, ev, frame) or frame is None or frame.re is not None or frame.type not in FANOUT:
         return
     thread = frame.data.get("thread_id")
-    if isinstance(thread, str) and not model.is_member(ev.conn, thread, ev.t):  # type: ignore[arg-type]
+    if not isinstance(thread, str) or model.receives_fanout(ev.conn, thread, ev.t):  # type: ignore[arg-type]
+        return
+    rule = model.semantics.fanout
+    if rule == "joined":
         spans = [(round(m.start, 3), m.end and round(m.end, 3)) for m in model.members.get((ev.conn, thread), [])]  # type: ignore[index]
         what = "has left" if spans else "never joined"
         yield Violation("routing", f"{frame.type} of a thread reached a connection that {what} it",
                         {**_where(model, ev), "thread_id": thread, "memberships": spans, "frame": frame.raw})
+        return
+    state = model.threads.get(thread)
+    owner = f"user {state.owner!r} of tenant {state.tenant!r}" if state is not None else "a thread this run never started"
+    said = ("reached a connection that is not its owner's" if rule == "owner"
+            else "reached a connection, and this service sends fan-out to nobody")
+    yield Violation("routing", f"{frame.type} of a thread {said}",
+                    {**_where(model, ev), "thread_id": thread, "fanout_rule": rule, "thread_owner": owner, "frame": frame.raw})
+
+
+@register("routing")
+def no_copy_to_requester(model: Model, ev: Event, frame: Frame | None) -> Iterator[Violation]:
+    """The requester never receives the fan-out copy of its own turn (its message or its reply)."""
+    if not _frame_in(model, ev, frame) or frame is None:
+        return
+    mid = frame.data.get("message_id")
+    if not isinstance(mid, str):
+        return
+    req = model.reqs.get(frame.re or "")
+    own = req is not None and req.conn == ev.conn and frame.type in ("ack", "agent_response")
+    fanout = frame.re is None and frame.type in ("thread_message", "agent_response")
+    if (own and (ev.conn, mid) in model.fanout_msgs) or (fanout and (ev.conn, mid) in model.own_msgs):
+        yield Violation("routing", f"the requester received a fan-out copy of its own turn ({frame.type})",
+                        {**_where(model, ev), "message_id": mid, "thread_id": frame.data.get("thread_id"), "frame": frame.raw})
 
 
 # -- durability ----------------------------------------------------------------
@@ -394,10 +425,10 @@ def frames_match_schema(model: Model, ev: Event, frame: Frame | None) -> Iterato
     if frame.type == "error" and frame.data.get("code") == "internal":
         yield Violation("protocol", "the server answered with error code internal",
                         {**_where(model, ev), "frame": frame.raw})
-    if frame.type == "welcome" and frame.data.get("protocol") != 1:
-        yield Violation("protocol", f"welcome says protocol {frame.data.get('protocol')!r}, not 1", {**_where(model, ev), "frame": frame.raw})
     conn = model.conns[ev.conn]  # type: ignore[index]
-    if frame.type == "error" and frame.re is None and frame.data.get("code") != "too_large" and conn.unsolicited_errors == 0:
+    # (An error before the connection opened is the service refusing a credential: see identity_as_token.)
+    if (frame.type == "error" and frame.re is None and frame.data.get("code") != "too_large" and conn.open
+            and conn.unsolicited_errors == 0):
         yield Violation("protocol", "an error without re arrived that no request of this connection provoked",
                         {**_where(model, ev), "frame": frame.raw})
     if frame.type == "error" and frame.data.get("code") == "too_large" and frame.re is not None:

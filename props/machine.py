@@ -56,11 +56,12 @@ from partywall_strategies import (
     ContentPlan,
     assistant_names,
     bad_assistant_names,
-    bad_frame,
     bad_frames,
+    AtLimit,
     build_content,
     contents,
     history_limits,
+    resolve_id,
     tenant_bases,
     token_kinds,
     user_ids,
@@ -111,6 +112,8 @@ class ThreadRef:
     tenant: TenantRef
     thread_id: str | None
     """None when the start failed; steps then skip the thread."""
+    owner: str = ""
+    """The user id that opened it (on the wire)."""
 
     def __repr__(self) -> str:
         return self.name
@@ -170,7 +173,9 @@ def encode_arg(value: Any) -> Any:
         return {"ref": value.name}
     if isinstance(value, ContentPlan):
         return {"content": [value.size, value.text]}
-    if isinstance(value, list):
+    if isinstance(value, AtLimit):
+        return {"at_limit": [value.char, value.over]}
+    if isinstance(value, (list, tuple)):
         return [encode_arg(v) for v in value]
     return value
 
@@ -209,6 +214,8 @@ class TenantMachine(RuleBasedStateMachine):
         self.tenant_threads: dict[str, list[ThreadRef]] = {}
         self.tenant_list: list[TenantRef] = []
         self.thread_list: list[ThreadRef] = []
+        self.user_scoped = s.adapter.semantics.thread_scope == "user"
+        """Threads private to their user (the adapter's semantics): another user's thread is a probe."""
         self.identities = s.identities
         """Pre-provisioned tenants and users (--identities): every example reuses them."""
         self.harness_error: HarnessError | None = None
@@ -228,6 +235,23 @@ class TenantMachine(RuleBasedStateMachine):
     def _keep(self, obj: Any) -> Any:
         self.refs[obj.name] = obj
         return obj
+
+    def _crosses(self, conn: ConnRef, thread: ThreadRef) -> bool:
+        """Whether ``thread`` is beyond ``conn``'s boundary: another tenant's, or, where threads are
+        private to their user (the adapter's semantics), another user's of the same tenant."""
+        if conn.user.tenant.tid != thread.tenant.tid:
+            return True
+        return self.user_scoped and conn.user.uid != thread.owner
+
+    def _talkable(self, conn: ConnRef) -> list[ThreadRef]:
+        """Threads ``conn`` may send in: those it joined, where fan-out goes to joined connections;
+        otherwise every started thread on its side of the boundary, in start order."""
+        if self.session.adapter.semantics.fanout == "joined":
+            return self.joined.get(conn.name, [])
+        return [t for t in self.thread_list if t.thread_id is not None and not self._crosses(conn, t)]
+
+    def _id(self, value: str | AtLimit) -> str:
+        return resolve_id(value, self.session.adapter.limits.max_id)
 
     def _tenant(self, i: int) -> TenantRef:
         return self.tenant_list[i % len(self.tenant_list)]
@@ -255,7 +279,7 @@ class TenantMachine(RuleBasedStateMachine):
         return self._call(self.driver.send, conn.name, req_type, self.session.next_req_id(), fields, t)
 
     def _marker_content(self, plan: ContentPlan) -> str:
-        return build_content(plan, self.session.mint.next())
+        return build_content(plan, self.session.mint.next(), self.session.adapter.limits.max_content)
 
     def _absent_thread_id(self, like: str) -> str:
         # Same length and alphabet as a real id, so only existence differs.
@@ -263,21 +287,23 @@ class TenantMachine(RuleBasedStateMachine):
         return "".join(secrets.choice(alphabet) for _ in like) or "x"
 
     def _probe(self, conn: ConnRef, req_type: str, thread: ThreadRef, fields: dict[str, Any]) -> None:
-        """Name another tenant's real thread and a nonexistent one at the same instant."""
+        """Name a real thread beyond the boundary and a nonexistent one at the same instant."""
         absent_id = self._absent_thread_id(thread.thread_id)
         foreign, absent = self.session.next_req_id(), self.session.next_req_id()
+        whose = "another tenant" if conn.user.tenant.tid != thread.tenant.tid else "another user"
 
         async def both() -> None:
             await self.driver.note("probe", conn.name, {"foreign": foreign, "absent": absent, "request": req_type,
-                                                        "thread": thread.name, "owner_tenant": thread.tenant.tid})
+                                                        "thread": thread.name, "owner_tenant": thread.tenant.tid,
+                                                        "owner_user": thread.owner, "whose": whose})
             t = time.monotonic()
             async with trio.open_nursery() as n:
                 n.start_soon(self.driver.send, conn.name, req_type, foreign, {**fields, "thread_id": thread.thread_id}, t)
                 n.start_soon(self.driver.send, conn.name, req_type, absent, {**fields, "thread_id": absent_id}, t)
 
         self._call(both)
-        event(f"probe {req_type} across tenants")
-        self.outcome = f"probed {thread.name} of {thread.tenant.name} from {conn.name}"
+        event(f"probe {req_type} across {'tenants' if whose == 'another tenant' else 'users'}")
+        self.outcome = f"probed {thread.name} of {thread.tenant.name}/{thread.owner!r} from {conn.name}"
 
     # -- tenants and users --------------------------------------------------------
 
@@ -302,7 +328,8 @@ class TenantMachine(RuleBasedStateMachine):
         self._start(c2, self.prefix + "helper2")
         if self.has("join_thread") and self._open(c1, th0):
             self._join(c1, th0)
-        self.outcome = f"tenants {t0.tid!r} and {t1.tid!r}; c0, c1 in {t0.name}, c2 in {t1.name}; th0 (c0, c1), th1 (c2)"
+        joined = "th0 (c0, c1)" if self.has("join_thread") else "th0 (c0)"
+        self.outcome = f"tenants {t0.tid!r} and {t1.tid!r}; c0, c1 in {t0.name}, c2 in {t1.name}; {joined}, th1 (c2)"
         return multiple(c0, c1, c2)
 
     def _add_tenant(self, base: str) -> TenantRef:
@@ -329,9 +356,9 @@ class TenantMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.counts["c"] < MAX_CONNS)
     @rule(target=conns, tenant=st.integers(0, 3), uid=user_ids(), via=st.sampled_from(["header", "query"]))
     @recorded
-    def connect(self, tenant: int, uid: str, via: str) -> ConnRef:
+    def connect(self, tenant: int, uid: str | AtLimit, via: str) -> ConnRef:
         """Connect as user ``uid`` of a tenant (common ids recur, so tenants share user names)."""
-        return self._connect(self._tenant(tenant), uid, via)
+        return self._connect(self._tenant(tenant), self._id(uid), via)
 
     def _user_id(self, tenant: TenantRef, uid: str) -> str:
         """The user id on the wire for a drawn one: itself, or with identities a provisioned user
@@ -393,8 +420,8 @@ class TenantMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.counts["th"] < MAX_THREADS)
     @rule(conn=conns, assistant=assistant_names())
     @recorded
-    def start_agent(self, conn: ConnRef, assistant: str) -> None:
-        self._start(conn, assistant)
+    def start_agent(self, conn: ConnRef, assistant: str | AtLimit) -> None:
+        self._start(conn, self._id(assistant))
 
     def _start(self, conn: ConnRef, assistant: str) -> ThreadRef:
         return self._start_together([(conn, assistant)])[0]
@@ -423,10 +450,10 @@ class TenantMachine(RuleBasedStateMachine):
             if reply is None or reply.type != "agent_started" or not isinstance(reply.data.get("thread_id"), str):
                 # A thread that never started still gets a ref (see connect); steps skip it.
                 said.append(f"no agent for {conn.name}: {reply.raw[:120] if reply else 'no reply (connection closed?)'}")
-                ref = self._keep(ThreadRef(name, conn.user.tenant, None))
+                ref = self._keep(ThreadRef(name, conn.user.tenant, None, conn.user.uid))
             else:
                 self.slowest_start = max(self.slowest_start, float(reply.data.get("startup_ms", 0.0)))
-                ref = self._keep(ThreadRef(name, conn.user.tenant, reply.data["thread_id"]))
+                ref = self._keep(ThreadRef(name, conn.user.tenant, reply.data["thread_id"], conn.user.uid))
                 self.joined.setdefault(conn.name, []).append(ref)
                 self.tenant_threads.setdefault(ref.tenant.tid, []).append(ref)
                 said.append(f"{ref.name} started by {conn.name} ({assistant!r})")
@@ -436,6 +463,7 @@ class TenantMachine(RuleBasedStateMachine):
         return refs
 
     def _bad_name(self, conn: ConnRef, assistant: str) -> None:
+        assistant = self._id(assistant)
         if self._open(conn):
             self._fire(conn, "start_agent", {"assistant": assistant})
         self.outcome = f"start_agent with invalid name {assistant!r}"
@@ -443,7 +471,7 @@ class TenantMachine(RuleBasedStateMachine):
     def _join_any(self, conn: ConnRef, thread: ThreadRef) -> None:
         if not self._open(conn, thread):
             pass
-        elif conn.user.tenant.tid != thread.tenant.tid:
+        elif self._crosses(conn, thread):
             self._probe(conn, "join_thread", thread, {})
         else:
             self._join(conn, thread)
@@ -487,7 +515,7 @@ class TenantMachine(RuleBasedStateMachine):
     def _leave_any(self, conn: ConnRef, thread: ThreadRef) -> None:
         if not self._open(conn, thread):
             pass
-        elif conn.user.tenant.tid != thread.tenant.tid:
+        elif self._crosses(conn, thread):
             self._probe(conn, "leave_thread", thread, {})
         else:
             self._leave(conn, thread)
@@ -499,7 +527,7 @@ class TenantMachine(RuleBasedStateMachine):
         if not self._open(conn, thread):
             return
         content = self._marker_content(plan)
-        if conn.user.tenant.tid != thread.tenant.tid:
+        if self._crosses(conn, thread):
             self._probe(conn, "user_message", thread, {"content": content})
             return
         self._send(conn, thread, content, plan)
@@ -512,17 +540,18 @@ class TenantMachine(RuleBasedStateMachine):
     @rule(conn=conns, i=st.integers(0, 7), plan=contents())
     @recorded
     def talk(self, conn: ConnRef, i: int, plan: ContentPlan) -> None:
-        """Send, without waiting, in a thread this connection has joined (the i-th, cyclically)."""
-        threads = self.joined.get(conn.name, [])
+        """Send, without waiting, in a thread this connection may talk in (the i-th, cyclically): one it
+        joined, or where there is no joining, one on its side of the boundary."""
+        threads = self._talkable(conn)
         if not threads:
-            self.outcome = f"{conn.name} has joined no thread"
+            self.outcome = f"{conn.name} has no thread to talk in"
         elif self._open(conn, threads[i % len(threads)]):
             self._send(conn, threads[i % len(threads)], self._marker_content(plan), plan)
 
     @rule(conn=conns, thread=st.integers(0, 15), limit=history_limits())
     @recorded
     def read_history(self, conn: ConnRef, thread: int, limit: object) -> None:
-        """Read any thread's history (another tenant's is a probe), with or without ``limit``."""
+        """Read any thread's history (one beyond the boundary is a probe), with or without ``limit``."""
         ref = self._thread(thread)
         if ref is not None:
             self._read(conn, ref, limit)
@@ -530,8 +559,9 @@ class TenantMachine(RuleBasedStateMachine):
     def _read(self, conn: ConnRef, thread: ThreadRef, limit: object) -> None:
         if not self._open(conn, thread):
             return
-        fields: dict[str, Any] = {} if limit is None else {"limit": limit}
-        if conn.user.tenant.tid != thread.tenant.tid:
+        # A drawn limit the service does not take is dropped (the draw stays in the program).
+        fields: dict[str, Any] = {} if limit is None or not self.session.adapter.history_limit else {"limit": limit}
+        if self._crosses(conn, thread):
             self._probe(conn, "get_history", thread, fields)
             return
         self._fire(conn, "get_history", {"thread_id": thread.thread_id, **fields})
@@ -540,7 +570,11 @@ class TenantMachine(RuleBasedStateMachine):
     def _bad_frame(self, conn: ConnRef, kind: str) -> None:
         if not self._open(conn):
             return
-        message, rid, readable, expect = bad_frame(kind, self.session.next_req_id())
+        made = self.session.adapter.bad_frame(kind, self.session.next_req_id())
+        if made is None:
+            self.outcome = f"skipped: the service's wire format has no {kind} frame"
+            return
+        message, rid, readable, expect = made
         self._call(functools.partial(self.driver.send_raw, conn.name, message, note=kind, req_id=rid,
                                      readable=readable, expect=expect))
         event(f"bad frame {kind}")
@@ -550,7 +584,7 @@ class TenantMachine(RuleBasedStateMachine):
           request=st.sampled_from(["join_thread", "get_history", "user_message", "leave_thread"]), plan=contents())
     @recorded
     def probe(self, conn: ConnRef, thread: int, request: str, plan: ContentPlan) -> None:
-        """Name any thread: another tenant's is a probe (it must look like one that does not exist)."""
+        """Name any thread: one beyond the boundary is a probe (it must look like one that does not exist)."""
         ref = self._thread(thread)
         if ref is None:
             return
@@ -602,7 +636,7 @@ class TenantMachine(RuleBasedStateMachine):
             thread = self._thread(threads_[i % len(threads_)])
             if not self.has(kind):
                 continue
-            if kind not in ("start_agent", "ping", "list_threads") and (thread is None or thread.thread_id is None or conn.user.tenant.tid != thread.tenant.tid):
+            if kind not in ("start_agent", "ping", "list_threads") and (thread is None or thread.thread_id is None or self._crosses(conn, thread)):
                 continue
             if not self._open(conn):
                 continue
@@ -693,20 +727,25 @@ class TenantMachine(RuleBasedStateMachine):
     # -- the end of an example ----------------------------------------------------------
 
     def audit(self) -> None:
-        """Settle, then read every thread's history once more from a fresh connection of its tenant."""
+        """Settle, then read every thread's history once more from a fresh connection of its tenant
+        (of its owner, where threads are private to their user)."""
         self._call(self.driver.settle)
         if self.checker.found:
             return  # settling showed something broken (a reply that never came): that is the finding
-        by_tenant: dict[str, list[ThreadRef]] = {}
+        by_party: dict[tuple[str, str | None], list[ThreadRef]] = {}
         for ref in self.refs.values():
             if isinstance(ref, ThreadRef) and ref.thread_id is not None:
-                by_tenant.setdefault(ref.tenant.tid, []).append(ref)
-        if not by_tenant or self.session.target.died():
+                by_party.setdefault((ref.tenant.tid, ref.owner if self.user_scoped else None), []).append(ref)
+        if not by_party or self.session.target.died():
             return
-        for tid, refs in by_tenant.items():
+        for (tid, owner), refs in by_party.items():
             name = f"audit{len(self.driver.conns)}"
-            # A user of its own where tenants are generated; the first provisioned one otherwise.
-            auditor = self.identities.user_at(tid, 0) if self.identities is not None else "auditor"
+            # A user of its own where tenants are generated; the first provisioned one otherwise;
+            # the owner itself where only the owner may read.
+            if owner is not None:
+                auditor = owner
+            else:
+                auditor = self.identities.user_at(tid, 0) if self.identities is not None else "auditor"
             token = self._credential(tid, auditor)
             conn = self._call(self.driver.connect, name, tid, auditor, token, "header")
             if not isinstance(conn, Conn):

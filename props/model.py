@@ -1,7 +1,10 @@
 """What the suite knows about the server's state, folded from the history.
 
-The model is the client's view of PROTOCOL.md: which connection belongs to
-which tenant, which threads each connection has joined (as time intervals),
+The model is the client's view of the service's protocol: which connection
+belongs to which tenant and user, who owns each thread and who may receive its
+fan-out (as the adapter's ``semantics`` declare: threads shared in the tenant
+or private to their user; fan-out to joined connections, to the owner's other
+connections, or to nobody), which threads each connection has joined (as time intervals),
 which messages were acked and which replies were sent, and which tenant owns
 every marker and server id. The invariants in `partywall_props.invariants` read it
 before each event is applied; `apply` then takes the event in.
@@ -84,6 +87,8 @@ class ThreadState:
     thread_id: str
     tenant: str
     assistant: str
+    owner: str
+    """The user who opened it."""
     msgs: list[Msg] = attrs.field(factory=list)
     """Committed messages the suite knows of, in the order it learned of them."""
 
@@ -107,6 +112,9 @@ class Model:
                  adapter: Adapter | None = None) -> None:
         self.adapter = adapter if adapter is not None else Adapter()
         """The service's adapter: which frames answer a request, and its id and content limits."""
+        self.semantics = self.adapter.semantics
+        self.user_scoped = self.semantics.thread_scope == "user"
+        """Threads private to the user who opened them: the isolation boundary is the user."""
         self.registry = registry if registry is not None else Registry()
         self.limits: dict[str, Any] = dict(limits or {})
         """Per-operation time limits in ms ([tool.partywall.timing])."""
@@ -119,6 +127,10 @@ class Model:
         self.members: dict[tuple[str, str], list[Membership]] = {}
         self.fanout: dict[tuple[str, str], FanoutTurn] = {}
         self.fanout_responses: set[tuple[str, str]] = set()
+        self.fanout_msgs: set[tuple[str, str]] = set()
+        """(connection, message id) of every fan-out copy (thread_message, agent_response) it received."""
+        self.own_msgs: set[tuple[str, str]] = set()
+        """(connection, message id) of every ack and agent_response it received for its own requests."""
         self.probes: dict[str, dict[str, Any]] = {}
         """req_id -> the probe it belongs to (foreign id vs nonexistent id)."""
         self.probe_replies: dict[str, dict[str, Any]] = {}
@@ -130,6 +142,33 @@ class Model:
 
     def tenant_of(self, conn: str) -> str:
         return self.conns[conn].tenant
+
+    def party_of(self, conn: str) -> tuple[str, str | None]:
+        """The isolation boundary a connection is on: its tenant, and its user where threads are private."""
+        state = self.conns[conn]
+        return state.tenant, state.user if self.user_scoped else None
+
+    def party_label(self, party: tuple[str, str | None]) -> str:
+        tenant, user = party
+        return f"tenant {tenant!r}" if user is None else f"user {user!r} of tenant {tenant!r}"
+
+    def thread_party(self, thread: ThreadState) -> tuple[str, str | None]:
+        return thread.tenant, thread.owner if self.user_scoped else None
+
+    def claim(self, token: str, conn: str, what: str, origin: str) -> None:
+        tenant, user = self.party_of(conn)
+        self.registry.claim(token, tenant, what, origin, user)
+
+    def receives_fanout(self, conn: str, thread: str, t: float) -> bool:
+        """Whether the declared fan-out rule lets a turn of ``thread`` reach ``conn`` at ``t``."""
+        rule = self.semantics.fanout
+        if rule == "joined":
+            return self.is_member(conn, thread, t)
+        state = self.threads.get(thread)
+        if rule == "requester" or state is None:
+            return False
+        mine = self.conns[conn]
+        return mine.tenant == state.tenant and mine.user == state.owner
 
     def is_member(self, conn: str, thread: str, t: float) -> bool:
         return any(m.start <= t and (m.end is None or t <= m.end) for m in self.members.get((conn, thread), ()))
@@ -159,8 +198,7 @@ class Model:
                     yield item["user"]
 
     def accepts_for(self, conn: str, req_type: str, fields: dict[str, Any]) -> frozenset[str]:
-        """The outcomes PROTOCOL.md allows for a request, from what the suite knows now."""
-        tenant = self.tenant_of(conn)
+        """The outcomes the protocol allows for a request, from what the suite knows now."""
         outcomes: set[str] = set()
         thread = fields.get("thread_id")
         if req_type == "start_agent":
@@ -175,7 +213,7 @@ class Model:
         if not isinstance(thread, str):
             return frozenset({"bad_request"})
         state = self.threads.get(thread)
-        exists = state is not None and state.tenant == tenant
+        exists = state is not None and self.thread_party(state) == self.party_of(conn)
         if req_type == "get_history" and "limit" in fields:
             lim = fields["limit"]
             if not (isinstance(lim, int) and not isinstance(lim, bool) and lim >= 1):
@@ -190,7 +228,7 @@ class Model:
                 return frozenset(outcomes)
             return frozenset({"not_found"})
         if req_type == "user_message" and not outcomes:
-            if self.joined_now(conn, thread):
+            if self.semantics.fanout != "joined" or self.joined_now(conn, thread):
                 outcomes.add("ok")
             else:
                 outcomes.add("bad_request")
@@ -230,16 +268,16 @@ class Model:
             return
         fields = dict(ev.data)
         req = Req(ev.req_id, ev.conn, ev.op, fields, ev.t, ev.seq, self.accepts_for(ev.conn, ev.op, fields), ev.step)
-        tenant = self.tenant_of(ev.conn)
         for marker in markers_in(str(fields.get("content", ""))):
-            self.registry.claim(marker, tenant, "marker", f"{ev.conn} request {ev.req_id}")
+            self.claim(marker, ev.conn, "marker", f"{ev.conn} request {ev.req_id}")
         if ev.op == "get_history" and isinstance(fields.get("thread_id"), str):
             req.expect_history = self.expected_history(fields["thread_id"], ev.t)
         if ev.op == "list_threads":
             # Only what this model saw the tenant start must be listed. A provisioned tenant
             # (--identities) also lists threads of earlier examples and runs: those are its own,
             # never another tenant's (their ids are attributed to the tenant that lists them).
-            req.expect_threads = {t for t, s in self.threads.items() if s.tenant == tenant}
+            party = self.party_of(ev.conn)
+            req.expect_threads = {t for t, s in self.threads.items() if self.thread_party(s) == party}
         if ev.op == "join_thread" and "ok" in req.accepts:
             self._join(ev.conn, fields["thread_id"], ev.t)
         self.reqs[ev.req_id] = req
@@ -258,9 +296,8 @@ class Model:
         if frame is None or ev.conn not in self.conns:
             return
         conn = self.conns[ev.conn]
-        tenant = conn.tenant
         for field, value in self.ids_in(frame.data):
-            self.registry.claim(value, tenant, field, f"{ev.conn} frame #{ev.seq}")
+            self.claim(value, ev.conn, field, f"{ev.conn} frame #{ev.seq}")
         data = frame.data
         ftype = frame.type
         if ftype == "error" and frame.re is None and conn.unsolicited_errors:
@@ -283,15 +320,20 @@ class Model:
                 self.fanout.pop(key, None)
                 if isinstance(data.get("message_id"), str):
                     self.fanout_responses.add((ev.conn, data["message_id"]))
+            if ftype in ("thread_message", "agent_response") and isinstance(data.get("message_id"), str):
+                self.fanout_msgs.add((ev.conn, data["message_id"]))
 
     def _on_reply(self, req: Req, ev: Event, frame: Frame) -> None:
         data = frame.data
         ftype = frame.type
+        if ftype in ("ack", "agent_response") and isinstance(data.get("message_id"), str):
+            self.own_msgs.add((req.conn, data["message_id"]))
         tenant = self.tenant_of(req.conn)
         if ftype == "agent_started":
             thread = data.get("thread_id")
             if isinstance(thread, str):
-                self.threads.setdefault(thread, ThreadState(thread, tenant, str(req.fields.get("assistant"))))
+                self.threads.setdefault(thread, ThreadState(thread, tenant, str(req.fields.get("assistant")),
+                                                            self.conns[req.conn].user))
                 self._join(req.conn, thread, req.t)
         elif ftype == "left" and isinstance(data.get("thread_id"), str):
             self._leave(req.conn, data["thread_id"], ev.t)
@@ -362,5 +404,7 @@ class Model:
                 self.probes[ev.data[key]] = dict(ev.data)
         elif ev.op == "crash":
             self.crashes += 1
+            for conn in self.conns.values():
+                conn.closing_1009 = False  # a killed server closes nothing cleanly: 1006 is all there is
         elif ev.req_id is not None and ev.op != "timeout":
             self._done(ev, "info")

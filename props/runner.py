@@ -19,7 +19,7 @@ from hypothesis import settings
 from hypothesis.stateful import run_state_machine_as_test
 from partywall_props.invariants import percentile_violations
 from partywall_props.machine import ConnRef, TenantMachine, ThreadRef
-from partywall_strategies import ContentPlan
+from partywall_strategies import AtLimit, ContentPlan
 
 from partywall.errors import HarnessError, Violation
 from partywall.session import Session
@@ -208,6 +208,8 @@ def _show(v: Any) -> str:
     if isinstance(v, dict) and "content" in v:
         size, text = v["content"]
         return f"ContentPlan({size!r}, {text!r})" if len(text) < 40 else f"ContentPlan({size!r}, {text[:37]!r}...)"
+    if isinstance(v, dict) and "at_limit" in v:
+        return repr(AtLimit(*v["at_limit"]))
     if isinstance(v, list):
         return "[" + ", ".join(_show(x) for x in v) + "]"
     return repr(v)
@@ -221,6 +223,8 @@ def decode_arg(value: Any, refs: dict[str, Any]) -> Any:
         return refs[value["ref"]]
     if isinstance(value, dict) and "content" in value:
         return ContentPlan(*value["content"])
+    if isinstance(value, dict) and "at_limit" in value:
+        return AtLimit(*value["at_limit"])
     if isinstance(value, list):
         return [decode_arg(v, refs) for v in value]
     return value

@@ -3,8 +3,9 @@
 Each function returns a ``SearchStrategy`` and says how it shrinks. Ids are
 drawn as real data looks and as an attacker would choose them: the same user
 id in two tenants, ids that differ only by case or Unicode normalisation
-form, non-ASCII and maximum-length ids. Content reaches the protocol's
-boundaries (empty, about 8 KiB, exactly 16,384 bytes of UTF-8, one byte over)
+form, non-ASCII and maximum-length ids. Content reaches the service's
+boundaries (empty, half its limit, exactly its limit in bytes of UTF-8, one
+byte over: 16,384 in protocol v1; the adapter's ``limits`` say)
 and all of Unicode, not only the short ASCII a default text strategy yields.
 Markers are never drawn: the harness mints them and `build_content` places
 them, so shrinking cannot make two markers equal.
@@ -12,15 +13,16 @@ them, so shrinking cannot make two markers equal.
 
 from partywall_strategies.content import ContentPlan, build_content, contents
 from partywall_strategies.ids import (
+    AtLimit,
     assistant_names,
     bad_assistant_names,
     id_text,
+    resolve_id,
     tenant_bases,
     user_ids,
 )
 from partywall_strategies.input import (
     BAD_FRAME_KINDS,
-    bad_frame,
     bad_frames,
     history_limits,
     token_kinds,
@@ -28,15 +30,16 @@ from partywall_strategies.input import (
 
 __all__ = [
     "BAD_FRAME_KINDS",
+    "AtLimit",
     "ContentPlan",
     "assistant_names",
     "bad_assistant_names",
-    "bad_frame",
     "bad_frames",
     "build_content",
     "contents",
     "history_limits",
     "id_text",
+    "resolve_id",
     "tenant_bases",
     "token_kinds",
     "user_ids",

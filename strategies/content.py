@@ -5,10 +5,11 @@ from __future__ import annotations
 import attrs
 from hypothesis import strategies as st
 
-from partywall.adapter import MAX_CONTENT
 from partywall.markers import MARKER_LEN
 
 #: Size classes: what the body is built to, in bytes of UTF-8 of the whole content.
+#: The sized classes are relative to the service's own content limit (its adapter's
+#: ``limits.max_content``): half of it, exactly it, and one byte over.
 SIZES = ("short", "empty", "around_8k", "exact_limit", "one_over")
 
 #: Any code point that can travel in JSON text: everything but surrogates.
@@ -31,8 +32,9 @@ class ContentPlan:
 @st.composite
 def contents(draw: st.DrawFn) -> ContentPlan:
     """A content plan. Mostly short text drawn from all of Unicode (astral and
-    non-Latin-1 characters included); sometimes empty, about 8 KiB, exactly
-    16,384 bytes, or 16,385 bytes. Shrinks toward short empty text."""
+    non-Latin-1 characters included); sometimes empty, half the service's
+    content limit (8 KiB in protocol v1), exactly the limit (16,384 bytes), or
+    one byte over. Shrinks toward short empty text."""
     size = draw(st.sampled_from(SIZES))
     if size == "short":
         return ContentPlan(size, draw(st.text(TEXT_CHARS, max_size=40)))
@@ -42,21 +44,23 @@ def contents(draw: st.DrawFn) -> ContentPlan:
     return ContentPlan(size, filler)
 
 
-def target_bytes(size: str) -> int | None:
-    return {"around_8k": 8 * 1024, "exact_limit": MAX_CONTENT, "one_over": MAX_CONTENT + 1}.get(size)
+def target_bytes(size: str, max_content: int) -> int | None:
+    """The byte size a sized class stands for, under a content limit of ``max_content`` bytes."""
+    return {"around_8k": max_content // 2, "exact_limit": max_content, "one_over": max_content + 1}.get(size)
 
 
-def build_content(plan: ContentPlan, marker: str) -> str:
+def build_content(plan: ContentPlan, marker: str, max_content: int) -> str:
     """The content to send: the marker, a space, and the body, built so the
-    whole is exactly the plan's byte size (a multi-byte filler is topped up
-    with ASCII). ``empty`` sends the empty string and carries no marker."""
+    whole is exactly the plan's byte size under the service's content limit
+    (a multi-byte filler is topped up with ASCII). ``empty`` sends the empty
+    string and carries no marker."""
     if plan.size == "empty":
         return ""
     head = marker + " "
     if plan.size == "short":
         return head + plan.text
-    want = target_bytes(plan.size)
-    assert want is not None
+    want = target_bytes(plan.size, max_content)
+    assert want is not None and want > MARKER_LEN + 1
     room = want - len(head.encode())
     unit = len(plan.text.encode("utf-8"))
     body = plan.text * (room // unit) + "a" * (room % unit)

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import unicodedata
 
+import attrs
 from hypothesis import strategies as st
 
-from partywall.adapter import MAX_ID, valid_id
+from partywall.adapter import valid_id
+
+#: Drawn ids are any length up to this many code points; those at the service's own
+#: limit and just over it are `AtLimit` values, made once the limit is known.
+MAX_ID = 64
 
 #: Characters allowed in ids: any code point but whitespace, controls (Cc) and
 #: surrogates (Cs). Separators are excluded too, since str.isspace covers them.
@@ -15,6 +20,26 @@ ID_CHARS = st.characters(exclude_categories=("Cc", "Cs", "Zs", "Zl", "Zp")).filt
 _CAFE_NFC = unicodedata.normalize("NFC", "café")
 _CAFE_NFD = unicodedata.normalize("NFD", "café")
 _ANGSTROM = "\u212b"  # ANGSTROM SIGN; NFC turns it into U+00C5, a different string here
+
+
+@attrs.frozen
+class AtLimit:
+    """An id as long as the service allows (``over`` 0) or longer: ``char`` repeated to
+    the adapter's ``limits.max_id`` plus ``over`` code points (`AtLimit.build`)."""
+
+    char: str
+    over: int = 0
+
+    def build(self, max_id: int) -> str:
+        return self.char * (max_id + self.over)
+
+    def __repr__(self) -> str:
+        return f"AtLimit({self.char!r}, {self.over})"
+
+
+def resolve_id(value: str | AtLimit, max_id: int) -> str:
+    """The id to send for a drawn value, under an id limit of ``max_id`` code points."""
+    return value.build(max_id) if isinstance(value, AtLimit) else value
 
 
 def id_text(max_len: int = MAX_ID) -> st.SearchStrategy[str]:
@@ -37,24 +62,25 @@ def tenant_bases(max_len: int = 40) -> st.SearchStrategy[str]:
     return st.one_of(fixed, id_text(max_len))
 
 
-def user_ids(max_len: int = MAX_ID) -> st.SearchStrategy[str]:
+def user_ids(max_len: int = MAX_ID) -> st.SearchStrategy[str | AtLimit]:
     """User ids: a few common names that recur across tenants, their case and
-    Unicode variants, and arbitrary ids up to the full 64 code points.
-    Shrinks toward ``"alice"``."""
-    fixed = st.sampled_from(["alice", "bob", "Alice", "ALICE", _CAFE_NFC, _CAFE_NFD, "李雷", "🙂", "u" * max_len])
+    Unicode variants, one exactly as long as the service allows, and arbitrary
+    ids up to 64 code points. Shrinks toward ``"alice"``."""
+    fixed = st.sampled_from(["alice", "bob", "Alice", "ALICE", _CAFE_NFC, _CAFE_NFD, "李雷", "🙂", AtLimit("u")])
     return st.one_of(fixed, id_text(max_len))
 
 
-def assistant_names() -> st.SearchStrategy[str]:
+def assistant_names() -> st.SearchStrategy[str | AtLimit]:
     """Assistant names, mostly shared across tenants (the same name in two
-    tenants must give two assistants). Shrinks toward ``"helper"``."""
-    return st.one_of(st.sampled_from(["helper", "support", "Helper", "analyst"]), id_text())
+    tenants must give two assistants), one exactly as long as the service
+    allows. Shrinks toward ``"helper"``."""
+    return st.one_of(st.sampled_from(["helper", "support", "Helper", "analyst", AtLimit("h")]), id_text())
 
 
-def bad_assistant_names() -> st.SearchStrategy[str]:
+def bad_assistant_names() -> st.SearchStrategy[str | AtLimit]:
     """Names the server must refuse with bad_request: empty, whitespace,
-    controls, 65 code points. Shrinks toward ``""``."""
+    controls, one code point over the service's limit. Shrinks toward ``""``."""
     return st.one_of(
-        st.sampled_from(["", " ", "two words", "tab\there", "nl\n", "nul\x00", "a" * (MAX_ID + 1), "é" * (MAX_ID + 1)]),
+        st.sampled_from(["", " ", "two words", "tab\there", "nl\n", "nul\x00", AtLimit("a", 1), AtLimit("é", 1)]),
         id_text().map(lambda s: s + "\u2028"),
     )

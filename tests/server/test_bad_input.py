@@ -300,8 +300,9 @@ def test_message_of_exactly_64_kib_is_not_too_large(fast_server: ServerProcess) 
 
 def test_rate_limited_past_the_in_flight_limit(start_server) -> None:  # type: ignore[no-untyped-def]
     # Turns of one thread run one at a time, so pipelined messages pile up
-    # in flight; the server documents a limit of 128.
-    server = start_server("--startup-ms", "0:0", "--chunks", "1", "--chunk-delay-ms", "10:10")
+    # in flight; the server documents a limit of 128. A turn takes 40 ms, so 128
+    # of them take 5 s: far longer than sending 200 frames, even on a loaded machine.
+    server = start_server("--startup-ms", "0:0", "--chunks", "1", "--chunk-delay-ms", "40:40")
 
     async def main() -> None:
         async with open_client(server) as client:

@@ -16,7 +16,7 @@ import pytest
 from partywall_props.invariants import INVARIANTS, percentile_violations
 from partywall_props.model import Model
 
-from partywall.adapter import Adapter
+from partywall.adapter import Adapter, Semantics
 from partywall.checks import Checker
 from partywall.history import History
 
@@ -25,11 +25,11 @@ M2 = "PWMabcdef0000002Z"
 
 
 class Sim:
-    def __init__(self, limits: dict[str, Any] | None = None) -> None:
+    def __init__(self, limits: dict[str, Any] | None = None, adapter: Adapter | None = None) -> None:
         self.history = History()
-        self.model = Model(limits=limits)
+        self.adapter = adapter if adapter is not None else Adapter()
+        self.model = Model(limits=limits, adapter=self.adapter)
         self.checker = Checker(self.model, INVARIANTS.select(), self.history)
-        self.adapter = Adapter()
         self.t = 0.0
 
     def ev(self, kind: str, op: str, conn: str | None = None, req_id: str | None = None,
@@ -153,6 +153,52 @@ def test_routing_fanout_after_leave_and_stray_re() -> None:
     s.reply("c1", "r0", {"type": "pong", "server_time": 1.0})
     titles = [t for n, t in s.found() if n == "routing"]
     assert any("has left" in t for t in titles) and any("reached c1" in t for t in titles)
+
+
+@pytest.mark.parametrize("fanout_first", [True, False])
+def test_routing_requester_never_gets_a_copy_of_its_own_turn(fanout_first: bool) -> None:
+    s = Sim()
+    s.connect("c0", "acme")
+    s.start("c0", "r0", "T1")
+    copy = {"type": "thread_message", "thread_id": "T1", "message_id": "m1", "role": "user", "user": "alice",
+            "content": f"{M1} hi"}
+    if fanout_first:
+        s.request("c0", "r1", "user_message", thread_id="T1", content=f"{M1} hi")
+        s.reply("c0", None, copy)
+        s.reply("c0", "r1", {"type": "ack", "thread_id": "T1", "message_id": "m1"})
+    else:
+        s.turn("c0", "r1", "T1", f"{M1} hi", "m1", "m2")
+        s.reply("c0", None, copy)
+    assert ("routing", "no_copy_to_requester", "the requester received a fan-out copy of its own turn "
+            + ("(ack)" if fanout_first else "(thread_message)")) in s.by_check()
+
+
+class PrivateThreads(Adapter):
+    """Threads private to their user, fan-out to the owner's other connections (multi-device sync)."""
+
+    operations = frozenset({"start_agent", "user_message", "get_history"})
+    semantics = Semantics(thread_scope="user", fanout="owner")
+
+
+def test_user_scoped_threads_owner_sync_is_silent_and_another_user_is_foreign() -> None:
+    s = Sim(adapter=PrivateThreads())
+    s.connect("c0", "acme", "alice")
+    s.connect("c1", "acme", "bob")
+    s.connect("c2", "acme", "alice")  # alice's second device
+    s.start("c0", "r0", "T1")
+    s.request("c0", "r1", "user_message", thread_id="T1", content=f"{M1} hi")
+    s.reply("c0", "r1", {"type": "ack", "thread_id": "T1", "message_id": "m1"})
+    s.reply("c2", None, {"type": "thread_message", "thread_id": "T1", "message_id": "m1", "role": "user",
+                         "user": "alice", "content": f"{M1} hi"})
+    assert s.found() == []  # the owner's other connection may have the sync copy
+    assert s.model.accepts_for("c1", "get_history", {"thread_id": "T1"}) == {"not_found"}
+    assert s.model.accepts_for("c2", "get_history", {"thread_id": "T1"}) == {"ok"}
+    s.reply("c1", None, {"type": "thread_message", "thread_id": "T1", "message_id": "m1", "role": "user",
+                         "user": "alice", "content": f"{M1} hi"})
+    found = s.by_check()
+    assert ("routing", "fanout_to_members", "thread_message of a thread reached a connection that is not its owner's") in found
+    assert ("isolation", "no_foreign_data", "user 'alice' of tenant 'acme''s marker reached a connection of "
+            "user 'bob' of tenant 'acme'") in found
 
 
 def test_durability_missing_and_changed_messages() -> None:

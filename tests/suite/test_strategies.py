@@ -14,21 +14,29 @@ from hypothesis import find, given
 from hypothesis import strategies as st
 from partywall_strategies import (
     BAD_FRAME_KINDS,
-    bad_frame,
+    AtLimit,
+    bad_assistant_names,
     build_content,
     contents,
     id_text,
+    resolve_id,
     tenant_bases,
     user_ids,
 )
 
-from partywall.adapter import MAX_CONTENT, MAX_ID, valid_id
+from partywall.adapter import Adapter, Limits, valid_id
 from partywall.markers import MARKER_LEN, MarkerMint, markers_in
 
 
-@given(tenant_bases(), user_ids())
-def test_strategies_ids_are_valid(base: str, uid: str) -> None:
-    assert valid_id(base) and valid_id(uid)
+@given(tenant_bases(), user_ids(), st.sampled_from([8, 40, 64]))
+def test_strategies_ids_are_valid(base: str, uid: str | AtLimit, max_id: int) -> None:
+    uid = resolve_id(uid, max_id)
+    assert valid_id(base) and valid_id(uid, max(max_id, 64))
+
+
+@given(bad_assistant_names(), st.sampled_from([8, 40, 64]))
+def test_strategies_bad_names_are_invalid_under_any_limit(name: str | AtLimit, max_id: int) -> None:
+    assert not valid_id(resolve_id(name, max_id), max_id)
 
 
 def test_strategies_reach_case_and_normalisation_twins() -> None:
@@ -37,15 +45,16 @@ def test_strategies_reach_case_and_normalisation_twins() -> None:
     assert pair[0] != pair[1]
     find(st.tuples(tenant_bases(), tenant_bases()), lambda p: p[0] != p[1] and p[0].lower() == p[1].lower())
     find(id_text(), lambda s: any(ord(c) > 0xFFFF for c in s))  # astral characters
-    find(user_ids(), lambda s: len(s) == MAX_ID)
+    limit = find(user_ids(), lambda s: isinstance(s, AtLimit))
+    assert len(resolve_id(limit, 40)) == 40 and len(resolve_id(limit, 64)) == 64
 
 
-@given(contents())
-def test_strategies_content_hits_its_byte_size(plan) -> None:  # type: ignore[no-untyped-def]
+@given(contents(), st.sampled_from([8_000, 16_384]))
+def test_strategies_content_hits_its_byte_size(plan, max_content: int) -> None:  # type: ignore[no-untyped-def]
     marker = MarkerMint(1).next()
-    content = build_content(plan, marker)
+    content = build_content(plan, marker, max_content)
     size = len(content.encode("utf-8"))
-    expected = {"around_8k": 8192, "exact_limit": MAX_CONTENT, "one_over": MAX_CONTENT + 1}.get(plan.size)
+    expected = {"around_8k": max_content // 2, "exact_limit": max_content, "one_over": max_content + 1}.get(plan.size)
     if expected is not None:
         assert size == expected
     if plan.size == "empty":
@@ -71,8 +80,16 @@ def test_markers_are_reproducible_distinct_and_fixed_width() -> None:
 
 
 def test_bad_frames_cover_every_kind() -> None:
-    for kind in BAD_FRAME_KINDS:
-        message, rid, readable, expect = bad_frame(kind, "q1-0")
-        size = len(message if isinstance(message, bytes) else message.encode())
-        assert (size > 65_536) == (kind == "oversize")
-        assert expect == ("too_large" if kind == "oversize" else "bad_request")
+    class Small(Adapter):
+        limits = Limits(max_id=10, max_frame_in=1000)
+
+    for adapter, frame_limit in ((Adapter(), 65_536), (Small(), 1000)):
+        for kind in BAD_FRAME_KINDS:
+            made = adapter.bad_frame(kind, "q1-0")
+            assert made is not None
+            message, rid, readable, expect = made
+            size = len(message if isinstance(message, bytes) else message.encode())
+            assert (size > frame_limit) == (kind == "oversize")
+            assert expect == ("too_large" if kind == "oversize" else "bad_request")
+            if kind == "long_id":
+                assert len(rid) == adapter.limits.max_id + 1
