@@ -194,10 +194,6 @@ class Driver:
         try:
             with trio.fail_after(self.connect_timeout_s):
                 await self._open_tls(tcp, parts.hostname)
-        except _NotLetIn as exc:
-            frame = exc.frame
-            self._outcome("fail", "connect", conn, reason="refused after the socket opened", frame=frame.raw, t0=t0)
-            return Refused(None, f"refused after the socket opened: {frame.raw[:160]}")
         except trio.TooSlowError:
             raise HarnessError(
                 f"the TLS handshake with {self.url} did not finish within {self.connect_timeout_s:g} s; "

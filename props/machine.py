@@ -53,11 +53,11 @@ from hypothesis.stateful import (
 from partywall_props.invariants import INVARIANTS
 from partywall_props.model import Model
 from partywall_strategies import (
+    AtLimit,
     ContentPlan,
     assistant_names,
     bad_assistant_names,
     bad_frames,
-    AtLimit,
     build_content,
     contents,
     history_limits,
