@@ -71,13 +71,20 @@ def run_doctor(found: Any, say: Callable[[str], None] = print) -> int:
         else:
             tenant, user = f"partywall-doctor-{secrets.token_hex(3)}", "alice"
         token = session.credentials.for_identity(tenant, user)
-        conn = driver.call(driver.connect, "doctor", tenant, user, token, "header")
-        if isinstance(conn, Refused):
-            say(f"connect as {tenant}/{user}: refused ({conn.reason}); check the credentials and where the "
-                "adapter puts them (Adapter.handshake).")
-            return 2
-        welcome = [e for e in session.history if e.kind == "ok" and e.op == "connect"]
-        say(f"connect as {tenant}/{user}: open; welcome {welcome[-1].data.get('welcome') if welcome else None}")
+        # Both ways the suite draws for a credential, as the adapter says they travel.
+        for via in ("header", "query"):
+            way = adapter.credential_ways.get(via, via)
+            name = "doctor" if via == "header" else "doctor-query"
+            conn = driver.call(driver.connect, name, tenant, user, token, via)
+            if isinstance(conn, Refused):
+                say(f"connect as {tenant}/{user} via {way}: refused ({conn.reason}); check the credentials and "
+                    "where the adapter puts them (Adapter.handshake, Adapter.auth_message).")
+                return 2
+            welcome = [e for e in session.history if e.kind == "ok" and e.op == "connect"]
+            say(f"connect as {tenant}/{user} via {way}: open; welcome "
+                f"{welcome[-1].data.get('welcome') if welcome else None}")
+            if via == "query":
+                driver.call(driver.disconnect, name, False)
         checks: list[Check] = []
         thread_id: str | None = None
         for n, operation in enumerate(op for op in ORDER if op in adapter.operations):
