@@ -41,6 +41,8 @@ def summary_lines(run: Run, verbose: bool = False) -> list[str]:
         lines.append(f"{_n(st.get('examples', 0))} examples, {_n(st.get('steps', 0))} steps"
                      + (f" ({rate} steps/s)" if rate else "")
                      + f", {_n(len(s.history))} events, {_n(frames)} frames")
+        if st.get("program_fingerprint"):
+            lines.append(f"generated programs: fingerprint {st['program_fingerprint']} (equal for equal seeds)")
         if verbose and st.get("rules"):
             lines.append("rules run: " + ", ".join(f"{k} {v}" for k, v in sorted(st["rules"].items())))
     for item in s.not_run:

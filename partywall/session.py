@@ -7,6 +7,7 @@ needs to be replayed (seed, profile, target, run id) lives here.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -87,6 +88,7 @@ class Session:
     """Called after each example of the state machine (a progress line)."""
     _req: Any = attrs.field(factory=itertools.count, repr=False)
     _example: Any = attrs.field(factory=itertools.count, repr=False)
+    _programs: Any = attrs.field(factory=hashlib.sha256, repr=False)
 
     def __attrs_post_init__(self) -> None:
         self.mint = MarkerMint(self.seed)
@@ -127,6 +129,15 @@ class Session:
     def not_run_check(self, check: str, reason: str) -> None:
         if not any(n["check"] == check for n in self.not_run):
             self.not_run.append({"check": check, "reason": reason})
+
+    def fingerprint_program(self, program: list[dict[str, Any]]) -> None:
+        """Fold an example's generated program (its rules and drawn arguments, not what the server
+        answered) into the run's fingerprint: two runs with one seed against correct servers
+        generate the same programs, so their fingerprints are equal."""
+        drawn = [[step["rule"], step["args"]] for step in program]
+        self._programs.update(json.dumps(drawn, sort_keys=True, ensure_ascii=True).encode())
+        self._programs.update(b"\n")
+        self.stats["program_fingerprint"] = self._programs.hexdigest()[:16]
 
     def example_done(self) -> None:
         """The state machine finished an example (its counts are in `stats`)."""
