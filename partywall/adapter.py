@@ -104,8 +104,10 @@ BAD_FRAME_KINDS = (
     "missing_field",
     "wrong_type",
     "lone_surrogate",
+    "huge_number",
     "long_id",
     "oversize",
+    "oversize_16mib",
 )
 
 #: Who a thread belongs to: everyone of its tenant, or only the user who opened it.
@@ -286,6 +288,12 @@ class Adapter:
             return BadFrame(json.dumps({"type": "join_thread", "id": req_id, "thread_id": 42}), req_id, True, "bad_request")
         if kind == "lone_surrogate":
             return BadFrame('{"type": "ping", "id": ' + rid + ', "note": "\\ud800"}', req_id, None, "bad_request")
+        if kind == "huge_number":  # 5,000 digits where a string belongs: ill-typed however it parses
+            return BadFrame('{"type": "join_thread", "id": ' + rid + ', "thread_id": 1' + "0" * 4999 + "}", req_id, None,
+                            "bad_request")
+        if kind == "oversize_16mib":  # PROTOCOL.md: too_large holds for messages up to at least 16 MiB
+            pad = "x" * (16 * 1024 * 1024)
+            return BadFrame(json.dumps({"type": "ping", "id": req_id, "pad": pad}), req_id, False, "too_large")
         if kind == "long_id":
             long_id = (req_id + "-" + "i" * self.limits.max_id)[: self.limits.max_id + 1]
             return BadFrame(json.dumps({"type": "ping", "id": long_id}), long_id, None, "bad_request")

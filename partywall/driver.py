@@ -60,6 +60,9 @@ class Conn:
     open: bool = False
     welcome: dict[str, Any] | None = None
     close_code: int | None = None
+    close_expected_t: float | None = None
+    """When a frame the server must answer by closing (an oversized one) was sent."""
+    close_overdue: bool = False
     ws: trio_websocket.WebSocketConnection | None = attrs.field(default=None, repr=False)
     tcp: trio.SocketStream | None = attrs.field(default=None, repr=False)
     stop: trio.Event = attrs.field(factory=trio.Event, repr=False)
@@ -464,6 +467,8 @@ class Driver:
         if not conn.open or conn.ws is None:
             return None
         pending = None
+        if expect == "too_large" and conn.close_expected_t is None:
+            conn.close_expected_t = ev.t  # the server must close this connection (1009)
         if readable:
             pending = Pending(req_id, name, "raw", ev.t)
             self.pending[req_id] = pending
@@ -488,6 +493,9 @@ class Driver:
             while self.pending:
                 # Any request still in flight: wait for the oldest; the limit bounds the whole wait.
                 await next(iter(self.pending.values())).done.wait()
+            # And any connection the server owes a close (after an oversized frame).
+            for conn in [c for c in self.conns.values() if c.open and c.close_expected_t is not None]:
+                await conn.done.wait()
         return list(self.pending.values())
 
     async def pause(self, seconds: float) -> None:
@@ -498,6 +506,13 @@ class Driver:
         while True:
             await trio.sleep(0.1)
             now = time.monotonic()
+            for conn in list(self.conns.values()):
+                expected = conn.close_expected_t
+                if conn.open and expected is not None and not conn.close_overdue and now - expected > self.reply_timeout_s:
+                    conn.close_overdue = True
+                    ev = self.history.append("info", "not_closed", conn=conn.name,
+                                             data={"waited_s": round(now - expected, 3), "limit_s": self.reply_timeout_s})
+                    self._observe(ev, None)
             for p in list(self.pending.values()):
                 if not p.timed_out and now - p.t > self.reply_timeout_s and self.conns[p.conn].open:
                     p.timed_out = True

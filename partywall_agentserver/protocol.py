@@ -171,6 +171,15 @@ def _has_surrogate(value: Any) -> bool:
     return False
 
 
+def _value_problem(exc: ValueError) -> str:
+    text = str(exc)
+    if "is not valid JSON" in text:  # NaN, Infinity, -Infinity (`_reject_constant`)
+        return "The frame is not valid JSON: NaN and Infinity are not JSON numbers."
+    if "duplicate object key" in text:
+        return "The frame is not valid JSON for this protocol: an object repeats a key."
+    return "The frame has a number too large to accept."
+
+
 class RequestParser:
     """Turns one client message into a Request, or raises ProtocolError.
 
@@ -187,10 +196,13 @@ class RequestParser:
             obj = _decoder.decode(message)
         except RecursionError:
             raise ProtocolError(BAD_REQUEST, "The frame is nested too deeply.") from None
+        except json.JSONDecodeError as exc:
+            raise ProtocolError(BAD_REQUEST, f"The frame is not valid JSON (at character {exc.pos}).") from None
         except ValueError as exc:
-            # JSONDecodeError, NaN/Infinity, duplicate keys, and ints past
-            # Python's digit limit all land here.
-            raise ProtocolError(BAD_REQUEST, f"The frame is not valid JSON: {exc}.") from None
+            # NaN/Infinity, duplicate keys, and ints past Python's digit limit land here. The
+            # message is for the client: it names what is wrong with the frame, never the
+            # library's own wording (Python's advice on its digit limit is for us, not them).
+            raise ProtocolError(BAD_REQUEST, _value_problem(exc)) from None
         if not isinstance(obj, dict):
             raise ProtocolError(BAD_REQUEST, "A frame must be a JSON object.")
         # The text came through a UTF-8 decoder, so a surrogate can only have

@@ -59,10 +59,10 @@ HANDSHAKE_TIMEOUT: Final = 10.0
 #: Seconds to wait for a peer's close frame before dropping the TCP connection.
 CLOSE_TIMEOUT: Final = 3.0
 #: trio-websocket closes with 1009 by itself, without our `too_large` error,
-#: past this many code points; it is far above the protocol's 64 KiB so that
-#: nearly every oversized message reaches our own check and gets the error
-#: frame first. Bigger messages are cut off by the library (documented).
-WS_MAX_MESSAGE: Final = 1 << 20
+#: past this many code points. PROTOCOL.md asks for the error frame first up to
+#: at least 16 MiB; we read up to 32 MiB (documented), so every message up to
+#: that size reaches our own check. Bigger ones are cut off by the library.
+WS_MAX_MESSAGE: Final = 32 << 20
 #: Complete messages trio-websocket may buffer before its reader pauses; the
 #: request loop drains it continuously.
 WS_QUEUE: Final = 32

@@ -9,6 +9,7 @@ connection and tenant that received it, and the owner of what leaked.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -269,8 +270,11 @@ def one_complete_reply(model: Model, ev: Event, frame: Frame | None) -> Iterator
         elif frame.re is None and isinstance(data.get("thread_id"), str):
             key = (ev.conn, data["thread_id"])
             turn = model.fanout.get(key)  # type: ignore[arg-type]
-            if frame.type == "agent_chunk" and turn is not None and data.get("seq") in turn.seqs and data.get("seq") != 0:
-                yield Violation("exactly-once", f"fan-out chunk seq {data.get('seq')} was delivered twice", {**_where(model, ev), "frame": frame.raw})
+            if frame.type == "agent_chunk" and turn is not None and data.get("seq") in turn.seqs:
+                # A watcher sees each turn whole, ended by its agent_response, and a leave ends its
+                # view of one (the model drops it): seq 0 again inside a turn is a repeat too.
+                yield Violation("exactly-once", f"fan-out chunk seq {data.get('seq')} was delivered twice",
+                                {**_where(model, ev), "received_seqs": sorted(turn.seqs), "frame": frame.raw})
             elif frame.type == "agent_response":
                 if (ev.conn, data.get("message_id")) in model.fanout_responses:
                     yield Violation("exactly-once", "a fan-out agent_response was delivered twice", {**_where(model, ev), "frame": frame.raw})
@@ -343,6 +347,11 @@ def chunks_in_order(model: Model, ev: Event, frame: Frame | None) -> Iterator[Vi
         seq = frame.data.get("seq")
         if req is not None and req.conn == ev.conn and isinstance(seq, int) and seq < req.max_seq and seq not in req.chunks:
             yield Violation("ordering", f"chunk seq {seq} arrived after seq {req.max_seq}", {**_where(model, ev), "request": req.req_id, "frame": frame.raw})
+        elif frame.re is None and isinstance(seq, int) and isinstance(frame.data.get("thread_id"), str):
+            turn = model.fanout.get((ev.conn, frame.data["thread_id"]))  # type: ignore[arg-type]
+            if turn is not None and seq not in turn.seqs and seq < max(turn.seqs, default=-1):
+                yield Violation("ordering", f"fan-out chunk seq {seq} arrived after seq {max(turn.seqs)}",
+                                {**_where(model, ev), "thread_id": frame.data["thread_id"], "frame": frame.raw})
     elif ev.kind == "info" and ev.op == "audit_unanswered":
         yield Violation("ordering", "a stored user message has no reply after the run settled",
                         {**_where(model, ev), **dict(ev.data)})
@@ -447,6 +456,26 @@ def frames_match_schema(model: Model, ev: Event, frame: Frame | None) -> Iterato
         yield Violation("protocol", f"a {req.type} request got a second {frame.type}", {**_where(model, ev), "request": req.req_id, "frame": frame.raw})
 
 
+#: What an error message meant for people must not carry: the server's internals (a stack
+#: trace, an exception's class, a source file, a library's advice to its own developers).
+INTERNALS = re.compile(
+    r"Traceback \(most recent call last\)|File \"[^\"]+\", line \d+|\b[A-Z]\w*(?:Error|Exception)\b"
+    r"|\bsys\.\w+|set_int_max_str_digits|site-packages|\.pyc?\b|\bat 0x[0-9a-fA-F]{6,}"
+    r"|\bsqlite3?\.|\btrio\.|\bjava\.\w|\bnode_modules\b|\bgoroutine \d+")
+
+
+@register("protocol")
+def errors_say_no_internals(model: Model, ev: Event, frame: Frame | None) -> Iterator[Violation]:
+    """An error's message says what was wrong with the request, never the server's internals."""
+    if not _frame_in(model, ev, frame) or frame is None or frame.type != "error":
+        return
+    message = frame.data.get("message")
+    found = INTERNALS.search(message) if isinstance(message, str) else None
+    if found is not None:
+        yield Violation("protocol", f"an error message reveals the server's internals ({found.group(0)!r})",
+                        {**_where(model, ev), "message": message[:500], "frame": frame.raw[:2000]})
+
+
 @register("protocol")
 def right_outcome(model: Model, ev: Event, frame: Frame | None) -> Iterator[Violation]:
     """Each request gets the outcome the protocol prescribes: success, or the right error code."""
@@ -467,8 +496,12 @@ def right_outcome(model: Model, ev: Event, frame: Frame | None) -> Iterator[Viol
 
 @register("protocol")
 def oversize_closes_1009(model: Model, ev: Event, frame: Frame | None) -> Iterator[Violation]:
-    """A client message over 64 KiB gets too_large and a close with code 1009."""
-    if ev.kind == "info" and ev.op == "closed" and ev.conn in model.conns:
+    """A client message over the frame limit gets too_large and a close with code 1009, in time."""
+    if ev.kind == "info" and ev.op == "not_closed" and ev.conn in model.conns and model.conns[ev.conn].closing_1009:
+        yield Violation("protocol", f"the server kept the connection open {ev.data.get('waited_s')} s after an oversized "
+                                    "frame; it must close it with 1009",
+                        {**_where(model, ev), "limit_s": ev.data.get("limit_s")})
+    elif ev.kind == "info" and ev.op == "closed" and ev.conn in model.conns:
         conn = model.conns[ev.conn]
         closed_by_server = str(ev.data.get("reason", "")).startswith("closed by the server")
         if conn.closing_1009 and closed_by_server and ev.data.get("code") != 1009:

@@ -291,6 +291,7 @@ class Model:
         spans = self.members.get((conn, thread))
         if spans and spans[-1].end is None:
             spans[-1].end = t
+        self.fanout.pop((conn, thread), None)  # leaving stops a watcher's turn part-way
 
     def _on_frame(self, ev: Event, frame: Frame | None) -> None:
         if frame is None or ev.conn not in self.conns:

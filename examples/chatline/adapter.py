@@ -93,6 +93,8 @@ class ChatlineAdapter(Adapter):
             "unknown_type": (json.dumps({"op": "subscribe_everything", "ref": req_id}), True),
             "missing_field": (json.dumps({"op": "say", "ref": req_id, "text": "x"}), True),
             "wrong_type": (json.dumps({"op": "fetch", "ref": req_id, "conv": 42}), True),
+            # 5,000 digits where a string belongs: malformed whether or not it parses as a number.
+            "huge_number": ('{"op": "fetch", "ref": ' + rid + ', "conv": 1' + "0" * 4999 + "}", None),
         }
         if kind in made:
             message, readable = made[kind]
@@ -103,7 +105,9 @@ class ChatlineAdapter(Adapter):
         if kind == "oversize":
             pad = "x" * (self.limits.max_frame_in + 1)
             return BadFrame(json.dumps({"op": "fetch", "ref": req_id, "conv": pad}), req_id, False, "too_large")
-        return None  # lone_surrogate: chatline's PROTOCOL.md says nothing of it
+        # lone_surrogate: chatline's PROTOCOL.md says nothing of it; oversize_16mib: chatline reads
+        # at most 4 MiB and then closes with 1009 without its fail frame, which its README allows.
+        return None
 
     # -- events ----------------------------------------------------------------------
 

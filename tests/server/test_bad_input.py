@@ -274,6 +274,9 @@ def test_too_large_message_gets_error_then_1009(fast_server: ServerProcess) -> N
             ),
             b"\x00" * 65_537,
             "z" * 900_000,
+            # PROTOCOL.md: the error frame comes first for messages up to at least 16 MiB.
+            "w" * (2 << 20),
+            json.dumps({"type": "ping", "id": "huge", "pad": "v" * (16 << 20)}),
         ]:
             async with open_client(fast_server) as client:
                 await client.send(payload)
@@ -365,3 +368,24 @@ def test_internal_error_when_storage_fails(start_server) -> None:  # type: ignor
     run(main)
     assert server.terminate() == 0
     assert "no such table: messages" in server.stderr_text()
+
+
+@pytest.mark.parametrize("frame", [
+    '{"type": "get_history", "id": "n1", "thread_id": "x", "limit": 1' + "0" * 5000 + "}",
+    '{"type": "ping", "id": "n2", "x": NaN}',
+    '{"type": "ping", "id": "n3", "id": "n4"}',
+    '{"type": "ping", "id": "n5",',
+])
+def test_error_messages_name_the_problem_not_the_servers_internals(fast_server: ServerProcess, frame: str) -> None:
+    from partywall_props.invariants import INTERNALS
+
+    async def main() -> None:
+        async with open_client(fast_server) as client:
+            await client.send(frame)
+            error = await client.wait_for(lambda f: f["type"] == "error")
+            assert error["code"] == "bad_request"
+            assert INTERNALS.search(error["message"]) is None, error["message"]
+            assert "sys." not in error["message"] and "digits" not in error["message"], error["message"]
+
+    run(main)
+

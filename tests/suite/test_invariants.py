@@ -264,6 +264,24 @@ def test_timing_per_operation_and_percentiles() -> None:
     assert v.evidence["actual_ms"] == 900.0 and v.evidence["n"] == 20
 
 
+@pytest.mark.parametrize("message, leaks", [
+    ("The frame is not valid JSON: Exceeds the limit (4300 digits) for integer string conversion: value has 5000 "
+     "digits; use sys.set_int_max_str_digits() to increase the limit.", True),
+    ("Traceback (most recent call last):\n  File \"/srv/app/handlers.py\", line 88, in on_frame", True),
+    ("KeyError: 'thread_id'", True),
+    ("The frame has a number too large to accept.", False),
+    ("The frame is not valid JSON (at character 31).", False),
+    ("Unknown request type 'subscribe_all_tenants'.", False),
+])
+def test_protocol_error_message_reveals_no_internals(message: str, leaks: bool) -> None:
+    s = Sim()
+    s.connect("c0", "acme")
+    s.request("c0", "r1", "get_history", thread_id="T9")
+    s.reply("c0", "r1", {"type": "error", "code": "not_found", "message": message}, final="fail")
+    found = [t for n, c, t in s.by_check() if c == "errors_say_no_internals"]
+    assert bool(found) == leaks, found
+
+
 @pytest.mark.parametrize("frame, says", [
     ('{"type": "pong", "re": "r1", "server_time": NaN}', "strict JSON"),
     ('{"type": "pong", "re": "r1"}', "server_time"),
@@ -402,3 +420,42 @@ def test_protocol_oversize_closed_with_another_code(close_code: int) -> None:
     assert s.by_check() == [("protocol", "oversize_closes_1009",
                              f"after an oversized frame the server closed with {close_code}, not 1009")]
     assert oversized(1009).by_check() == []
+
+
+def test_protocol_oversize_left_open() -> None:
+    s = Sim()
+    s.connect("c0", "acme")
+    s.ev("invoke", "raw", "c0", "r1", data={"note": "oversize", "size": 65_600, "readable": False, "expect": "too_large"})
+    s.ev("frame", "error", "c0", frame={"type": "error", "code": "too_large", "message": "The message is over 64 KiB."})
+    s.ev("info", "not_closed", "c0", data={"waited_s": 10.2, "limit_s": 10.0})
+    assert s.by_check() == [("protocol", "oversize_closes_1009",
+                             "the server kept the connection open 10.2 s after an oversized frame; it must close it with 1009")]
+
+
+def watched(seqs: list[int], leave_after: int | None = None) -> Sim:
+    """c1 watches T1 (joined) while c0's turn streams its chunks to it as fan-out, in ``seqs`` order;
+    with ``leave_after``, c1 leaves after that many chunks and joins again."""
+    s = Sim()
+    s.connect("c0", "acme")
+    s.connect("c1", "acme", "bob")
+    s.start("c0", "r0", "T1")
+    s.request("c1", "j1", "join_thread", thread_id="T1")
+    s.reply("c1", "j1", {"type": "joined", "thread_id": "T1"}, final="ok")
+    s.reply("c1", None, {"type": "thread_message", "thread_id": "T1", "message_id": "m1", "role": "user",
+                         "user": "alice", "content": "hi"})
+    for n, seq in enumerate(seqs):
+        if n == leave_after:
+            s.request("c1", "l1", "leave_thread", thread_id="T1")
+            s.reply("c1", "l1", {"type": "left", "thread_id": "T1"}, final="ok")
+            s.request("c1", "j2", "join_thread", thread_id="T1")
+            s.reply("c1", "j2", {"type": "joined", "thread_id": "T1"}, final="ok")
+        s.reply("c1", None, {"type": "agent_chunk", "thread_id": "T1", "seq": seq, "delta": f"d{seq}"})
+    return s
+
+
+def test_fanout_chunks_out_of_order_or_repeated() -> None:
+    assert watched([0, 1, 2]).by_check() == []
+    assert watched([0, 2, 1]).by_check() == [("ordering", "chunks_in_order", "fan-out chunk seq 1 arrived after seq 2")]
+    assert watched([0, 1, 0]).by_check() == [("exactly-once", "one_complete_reply", "fan-out chunk seq 0 was delivered twice")]
+    # A watcher that leaves part-way and joins again starts over with the next turn's seq 0.
+    assert watched([0, 1, 0], leave_after=2).by_check() == []
