@@ -174,6 +174,24 @@ def fanout_to_members(model: Model, ev: Event, frame: Frame | None) -> Iterator[
 
 
 @register("routing")
+def turn_whole_or_nothing(model: Model, ev: Event, frame: Frame | None) -> Iterator[Violation]:
+    """A watcher receives a turn whole or not at all: its chunks and reply only after its thread_message."""
+    if not _frame_in(model, ev, frame) or frame is None or frame.re is not None:
+        return
+    thread = frame.data.get("thread_id")
+    if frame.type not in ("agent_chunk", "agent_response") or not isinstance(thread, str):
+        return
+    if not model.receives_fanout(ev.conn, thread, ev.t):  # type: ignore[arg-type]
+        return  # fanout_to_members reports it
+    turn = model.fanout.get((ev.conn, thread))  # type: ignore[arg-type]
+    if turn is None or not turn.started:
+        spans = [(round(m.start, 3), m.end and round(m.end, 3)) for m in model.members.get((ev.conn, thread), [])]  # type: ignore[index]
+        yield Violation("routing", f"a watcher received part of a turn ({frame.type}) without its start (no "
+                                   "thread_message): it joined, or left and joined again, while the turn streamed",
+                        {**_where(model, ev), "thread_id": thread, "memberships": spans, "frame": frame.raw})
+
+
+@register("routing")
 def no_copy_to_requester(model: Model, ev: Event, frame: Frame | None) -> Iterator[Violation]:
     """The requester never receives the fan-out copy of its own turn (its message or its reply)."""
     if not _frame_in(model, ev, frame) or frame is None:
@@ -194,7 +212,7 @@ def no_copy_to_requester(model: Model, ev: Event, frame: Frame | None) -> Iterat
 
 @register("durability")
 def history_keeps_commits(model: Model, ev: Event, frame: Frame | None) -> Iterator[Violation]:
-    """Every message acked and reply sent before a history read is in it, unchanged."""
+    """Every message acked and reply sent before a history read is in it, unchanged (with limit: the newest)."""
     req = _own_reply(model, ev, frame, "history")
     if req is None or req.expect_history is None or frame is None:
         return
@@ -212,7 +230,17 @@ def history_keeps_commits(model: Model, ev: Event, frame: Frame | None) -> Itera
         item = by_id.get(msg.message_id)
         if item is None:
             if windowed:
-                continue  # older than the window: only the newest `limit` are returned
+                # Older than the window, or left out: the window holds the newest `limit`, so
+                # nothing in it may be older than a message it leaves out.
+                older = [model.msgs[mid] for mid in by_id if mid in model.msgs
+                         and model.msgs[mid].known_t < msg.invoke_t]
+                if older:
+                    yield Violation("durability", f"history with limit {limit} left out a newer message and returned "
+                                                  "an older one",
+                                    {**_where(model, ev), "thread_id": msg.thread_id, "left_out": msg.message_id,
+                                     "older_returned": older[0].message_id, "history_ids": list(by_id)})
+                    return
+                continue
             yield Violation("durability", f"an {'acked message' if msg.role == 'user' else 'sent reply'} is missing from history",
                             {**_where(model, ev), "thread_id": msg.thread_id, "message_id": msg.message_id, "role": msg.role,
                              "content": msg.content[:200], "request": msg.req_id, "crashes_so_far": model.crashes,
@@ -228,7 +256,7 @@ def history_keeps_commits(model: Model, ev: Event, frame: Frame | None) -> Itera
 
 @register("durability")
 def threads_kept(model: Model, ev: Event, frame: Frame | None) -> Iterator[Violation]:
-    """Every thread the tenant started is in its thread list."""
+    """Every thread the tenant started is in its thread list, counting at least the messages committed in it."""
     # Threads listed beyond those are not a violation: a provisioned tenant (--identities)
     # holds threads of earlier examples and runs, and they are its own.
     req = _own_reply(model, ev, frame, "threads")
@@ -241,6 +269,15 @@ def threads_kept(model: Model, ev: Event, frame: Frame | None) -> Iterator[Viola
     for thread in sorted(req.expect_threads - listed):
         yield Violation("durability", "a thread the tenant started is missing from list_threads",
                         {**_where(model, ev), "thread_id": thread, "crashes_so_far": model.crashes})
+    for item in threads:
+        if not isinstance(item, dict) or item.get("thread_id") not in req.expect_counts:
+            continue
+        count, floor = item.get("message_count"), req.expect_counts[item["thread_id"]]
+        if isinstance(count, int) and count < floor:
+            yield Violation("durability", f"list_threads counts {count} messages in a thread where {floor} were committed "
+                                          "(user messages and replies)",
+                            {**_where(model, ev), "thread_id": item["thread_id"], "message_count": count,
+                             "committed_before": floor})
 
 
 # -- exactly-once ----------------------------------------------------------------
@@ -444,6 +481,10 @@ def frames_match_schema(model: Model, ev: Event, frame: Frame | None) -> Iterato
         yield Violation("protocol", "a too_large error carries re (the oversized frame must not be parsed)",
                         {**_where(model, ev), "frame": frame.raw})
     req = model.reqs.get(frame.re or "")
+    if req is not None and req.conn == ev.conn and req.type.startswith("raw:") and frame.type != "error":
+        yield Violation("protocol", f"a malformed frame ({req.type[4:]}) was answered with {frame.type!r}, not an error",
+                        {**_where(model, ev), "request": req.req_id, "expected": sorted(req.accepts), "frame": frame.raw})
+        return
     if req is None or req.conn != ev.conn or frame.type == "error" or req.type.startswith("raw:"):
         return
     allowed = model.adapter.reply_types(req.type)
@@ -504,6 +545,9 @@ def oversize_closes_1009(model: Model, ev: Event, frame: Frame | None) -> Iterat
     elif ev.kind == "info" and ev.op == "closed" and ev.conn in model.conns:
         conn = model.conns[ev.conn]
         closed_by_server = str(ev.data.get("reason", "")).startswith("closed by the server")
+        if conn.closing_1009 and closed_by_server and ev.data.get("code") == 1009 and not conn.too_large_seen:
+            yield Violation("protocol", "after an oversized frame the server closed with 1009 without the too_large "
+                                        "error first", {**_where(model, ev), "close": dict(ev.data)})
         if conn.closing_1009 and closed_by_server and ev.data.get("code") != 1009:
             yield Violation("protocol", f"after an oversized frame the server closed with {ev.data.get('code')!r}, not 1009",
                             {**_where(model, ev), "close": dict(ev.data)})

@@ -41,6 +41,7 @@ class ConnState:
     unsolicited_errors: int = 0
     """Errors without ``re`` the suite provoked (a binary frame, invalid JSON) and still expects."""
     closing_1009: bool = False
+    too_large_seen: bool = False
 
 
 @attrs.define(eq=False)
@@ -66,6 +67,8 @@ class Req:
     done_t: float | None = None
     expect_history: list[Msg] | None = None
     expect_threads: set[str] | None = None
+    expect_counts: dict[str, int] = attrs.field(factory=dict)
+    """For list_threads: the messages of each thread known committed before it was sent (a floor for message_count)."""
 
 
 @attrs.define(eq=False)
@@ -101,6 +104,10 @@ class Membership:
 
 @attrs.define(eq=False)
 class FanoutTurn:
+    """What a watching connection has received of the turn it is watching."""
+
+    started: bool = True
+    """Whether the watcher received the turn's thread_message (its start) first."""
     seqs: set[int] = attrs.field(factory=set)
     deltas: dict[int, str] = attrs.field(factory=dict)
 
@@ -278,6 +285,7 @@ class Model:
             # never another tenant's (their ids are attributed to the tenant that lists them).
             party = self.party_of(ev.conn)
             req.expect_threads = {t for t, s in self.threads.items() if self.thread_party(s) == party}
+            req.expect_counts = {t: len(self.expected_history(t, ev.t)) for t in req.expect_threads}
         if ev.op == "join_thread" and "ok" in req.accepts:
             self._join(ev.conn, fields["thread_id"], ev.t)
         self.reqs[ev.req_id] = req
@@ -303,6 +311,8 @@ class Model:
         ftype = frame.type
         if ftype == "error" and frame.re is None and conn.unsolicited_errors:
             conn.unsolicited_errors -= 1
+        if ftype == "error" and data.get("code") == "too_large":
+            conn.too_large_seen = True
         if frame.re in self.probes:
             self.probe_replies[frame.re] = dict(data)
         req = self.reqs.get(frame.re) if frame.re is not None else None
@@ -311,10 +321,12 @@ class Model:
             return
         if frame.re is None and isinstance(data.get("thread_id"), str):
             key = (ev.conn, data["thread_id"])
-            if ftype == "agent_chunk" and isinstance(data.get("seq"), int):
-                turn = self.fanout.setdefault(key, FanoutTurn())
-                if data["seq"] == 0:
-                    turn = self.fanout[key] = FanoutTurn()
+            # A watcher's turn opens with the thread_message and closes with the agent_response
+            # (or its leaving): chunks outside one are part of a turn it did not see begin.
+            if ftype == "thread_message":
+                self.fanout[key] = FanoutTurn()
+            elif ftype == "agent_chunk" and isinstance(data.get("seq"), int):
+                turn = self.fanout.setdefault(key, FanoutTurn(started=False))
                 turn.seqs.add(data["seq"])
                 turn.deltas[data["seq"]] = str(data.get("delta"))
             elif ftype == "agent_response":

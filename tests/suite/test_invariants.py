@@ -330,11 +330,12 @@ def test_isolation_welcome_naming_another_identity(welcome: dict[str, Any]) -> N
     assert welcomed(None).by_check() == []
 
 
-def listed(threads: list[str]) -> Sim:
-    """acme starts T1 and T2 and lists its threads (``threads`` listed); globex, with none, lists its own."""
+def listed(threads: list[str], t1_count: int = 2) -> Sim:
+    """acme starts T1 and T2 and lists its threads (``threads`` listed, T1 counting ``t1_count``
+    messages); globex, with none, lists its own."""
     s = two_tenants_with_a_turn()
     s.start("c0", "r2", "T2")
-    counts = {"T1": 2, "T2": 0}
+    counts = {"T1": t1_count, "T2": 0}
     s.request("c0", "r3", "list_threads")
     s.reply("c0", "r3", {"type": "threads", "threads": [
         {"thread_id": t, "assistant": "helper", "created_at": 1.0, "message_count": counts[t]} for t in threads]}, final="ok")
@@ -348,6 +349,32 @@ def test_durability_thread_missing_from_list_threads() -> None:
     assert s.by_check() == [("durability", "threads_kept", "a thread the tenant started is missing from list_threads")]
     assert s.checker.found[0].violation.evidence["thread_id"] == "T2"
     assert listed(["T1", "T2"]).by_check() == []
+
+
+def test_durability_message_count_below_what_was_committed() -> None:
+    # T1 holds a user message and its reply: counting only user messages says 1.
+    assert listed(["T1", "T2"], t1_count=1).by_check() == [
+        ("durability", "threads_kept", "list_threads counts 1 messages in a thread where 2 were committed "
+         "(user messages and replies)")]
+    assert listed(["T1", "T2"], t1_count=3).by_check() == []  # more may have come meanwhile
+
+
+def test_durability_history_limit_returns_the_oldest() -> None:
+    s = two_tenants_with_a_turn()
+    s.turn("c0", "r2", "T1", "second", "m3", "m4")
+    s.request("c0", "r3", "get_history", thread_id="T1", limit=2)
+    s.reply("c0", "r3", {"type": "history", "thread_id": "T1", "messages": [
+        {"message_id": "m1", "role": "user", "user": "alice", "content": f"{M1} hello", "created_at": 1.0},
+        {"message_id": "m2", "role": "assistant", "content": f"echo: {M1} hello", "created_at": 1.1}]}, final="ok")
+    assert s.by_check() == [("durability", "history_keeps_commits",
+                             "history with limit 2 left out a newer message and returned an older one")]
+    s = two_tenants_with_a_turn()
+    s.turn("c0", "r2", "T1", "second", "m3", "m4")
+    s.request("c0", "r3", "get_history", thread_id="T1", limit=2)
+    s.reply("c0", "r3", {"type": "history", "thread_id": "T1", "messages": [
+        {"message_id": "m3", "role": "user", "user": "alice", "content": "second", "created_at": 1.2},
+        {"message_id": "m4", "role": "assistant", "content": "echo: second", "created_at": 1.3}]}, final="ok")
+    assert s.by_check() == []
 
 
 def streamed(seqs: list[int]) -> Sim:
@@ -432,9 +459,10 @@ def test_protocol_oversize_left_open() -> None:
                              "the server kept the connection open 10.2 s after an oversized frame; it must close it with 1009")]
 
 
-def watched(seqs: list[int], leave_after: int | None = None) -> Sim:
+def watched(seqs: list[int], leave_after: int | None = None, next_turn: bool = False) -> Sim:
     """c1 watches T1 (joined) while c0's turn streams its chunks to it as fan-out, in ``seqs`` order;
-    with ``leave_after``, c1 leaves after that many chunks and joins again."""
+    with ``leave_after``, c1 leaves after that many chunks and joins again (and with ``next_turn``
+    the chunks after that belong to the next turn, which opens with its thread_message)."""
     s = Sim()
     s.connect("c0", "acme")
     s.connect("c1", "acme", "bob")
@@ -449,6 +477,9 @@ def watched(seqs: list[int], leave_after: int | None = None) -> Sim:
             s.reply("c1", "l1", {"type": "left", "thread_id": "T1"}, final="ok")
             s.request("c1", "j2", "join_thread", thread_id="T1")
             s.reply("c1", "j2", {"type": "joined", "thread_id": "T1"}, final="ok")
+            if next_turn:
+                s.reply("c1", None, {"type": "thread_message", "thread_id": "T1", "message_id": "m3", "role": "user",
+                                     "user": "alice", "content": "again"})
         s.reply("c1", None, {"type": "agent_chunk", "thread_id": "T1", "seq": seq, "delta": f"d{seq}"})
     return s
 
@@ -457,5 +488,30 @@ def test_fanout_chunks_out_of_order_or_repeated() -> None:
     assert watched([0, 1, 2]).by_check() == []
     assert watched([0, 2, 1]).by_check() == [("ordering", "chunks_in_order", "fan-out chunk seq 1 arrived after seq 2")]
     assert watched([0, 1, 0]).by_check() == [("exactly-once", "one_complete_reply", "fan-out chunk seq 0 was delivered twice")]
-    # A watcher that leaves part-way and joins again starts over with the next turn's seq 0.
-    assert watched([0, 1, 0], leave_after=2).by_check() == []
+    # A watcher that leaves part-way and joins again starts over with the next turn.
+    assert watched([0, 1, 0], leave_after=2, next_turn=True).by_check() == []
+
+
+def test_routing_a_watcher_never_gets_part_of_a_turn() -> None:
+    # Left and joined again while the turn streamed: the rest of that turn must not reach it.
+    assert watched([0, 1, 2], leave_after=2).by_check() == [
+        ("routing", "turn_whole_or_nothing", "a watcher received part of a turn (agent_chunk) without its start (no "
+         "thread_message): it joined, or left and joined again, while the turn streamed")]
+
+
+def test_protocol_oversize_closed_1009_without_the_error_first() -> None:
+    s = Sim()
+    s.connect("c0", "acme")
+    s.ev("invoke", "raw", "c0", "r1", data={"note": "oversize_16mib", "size": 16 << 20, "readable": False, "expect": "too_large"})
+    s.ev("info", "closed", "c0", data={"reason": "closed by the server (code 1009)", "code": 1009})
+    assert s.by_check() == [("protocol", "oversize_closes_1009",
+                             "after an oversized frame the server closed with 1009 without the too_large error first")]
+
+
+def test_protocol_malformed_frame_answered_as_if_valid() -> None:
+    s = Sim()
+    s.connect("c0", "acme")
+    s.ev("invoke", "raw", "c0", "r1", data={"note": "lone_surrogate", "size": 50, "readable": None, "expect": "bad_request"})
+    s.reply("c0", "r1", {"type": "pong", "server_time": 1.0})
+    assert s.by_check() == [("protocol", "frames_match_schema",
+                             "a malformed frame (lone_surrogate) was answered with 'pong', not an error")]
