@@ -41,6 +41,8 @@ def summary_lines(run: Run, verbose: bool = False) -> list[str]:
         lines.append(f"{_n(st.get('examples', 0))} examples, {_n(st.get('steps', 0))} steps"
                      + (f" ({rate} steps/s)" if rate else "")
                      + f", {_n(len(s.history))} events, {_n(frames)} frames")
+        if st.get("coverage"):
+            lines.append(coverage_line(st["coverage"]))
         if st.get("program_fingerprint"):
             lines.append(f"generated programs: fingerprint {st['program_fingerprint']} (equal for equal seeds)")
         if verbose and st.get("rules"):
@@ -51,6 +53,17 @@ def summary_lines(run: Run, verbose: bool = False) -> list[str]:
         lines.append(f"VIOLATION [{v.violation.invariant}] {v.violation.title}")
         lines.extend("    " + line for line in v.detail.splitlines())
     return lines
+
+
+def coverage_line(coverage: dict[str, Any]) -> str:
+    """One line for the terminal: the operations and races a run reached (the report has it all)."""
+    ops = coverage.get("operations") or {}
+    races = coverage.get("races") or {}
+    bursts = sum(v for k, v in races.items() if k.startswith("burst"))
+    probes = sum(v for k, v in races.items() if k.startswith("probe"))
+    shown = ", ".join(f"{k} {_n(v)}" for k, v in sorted(ops.items(), key=lambda kv: (-kv[1], kv[0])))
+    return (f"reached: {shown}; {_n(bursts)} bursts, {_n(probes)} probes, at most "
+            f"{races.get('max in flight', 0)} requests in flight")
 
 
 class ConsoleReporter:
