@@ -32,6 +32,8 @@ def fold_example(coverage: dict[str, Any], program: list[dict[str, Any]], model:
         plan = args.get("plan")
         if isinstance(plan, dict) and "content" in plan and step["rule"] in ("talk", "probe", "burst"):
             sizes[plan["content"][0]] += 1
+        for plan in args.get("plans", []):
+            sizes[plan["content"][0]] += 1
         if step["rule"] == "burst":
             races[f"burst of {min(len(args.get('kinds', [])), 6)}"] += 1
         elif step["rule"] == "bad_input":

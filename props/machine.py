@@ -54,6 +54,7 @@ from partywall_props.coverage import fold_example
 from partywall_props.invariants import INVARIANTS
 from partywall_props.model import Model
 from partywall_strategies import (
+    HOSTILE,
     AtLimit,
     ContentPlan,
     assistant_names,
@@ -81,7 +82,11 @@ MAX_CRASHES = 1
 #: How often a rule may run in one example. Without a budget, Hypothesis spends
 #: whole examples on cheap rules that need no bundle (a refused token, a bad
 #: frame) and rarely reaches the messages and reads where tenants interact.
-BUDGET = {"bad_input": 3, "add_tenant": 2, "leave_joined": 4, "disconnect": 2, "settle": 3, "join_sibling": 5}
+BUDGET = {"bad_input": 3, "add_tenant": 2, "leave_joined": 4, "disconnect": 2, "settle": 3, "join_sibling": 5,
+          "crowd": 2}
+#: Instructions of a start_agent: none, any text, or text an attacker sends.
+INSTRUCTIONS = st.one_of(st.none(), st.text(st.characters(exclude_categories=("Cs",)), max_size=60),
+                         st.sampled_from(HOSTILE))
 
 
 def within_budget(name: str) -> Callable[[Any], bool]:
@@ -396,6 +401,43 @@ class TenantMachine(RuleBasedStateMachine):
         event(f"connect via {via}")
         return self._keep(ConnRef(name, user))
 
+    @precondition(lambda self: self.counts["c"] <= MAX_CONNS - 4 and self.counts["th"] <= MAX_THREADS - 4
+                  and within_budget("crowd")(self))
+    @rule(target=conns, members=st.lists(st.tuples(st.integers(0, 3), user_ids()), min_size=2, max_size=4),
+          via=st.sampled_from(["header", "query"]), assistant=assistant_names())
+    @recorded
+    def crowd(self, members: list[tuple[int, str | AtLimit]], via: str, assistant: str | AtLimit) -> MultipleResults[ConnRef]:
+        """Users arrive at one instant, as 100 users do at nine in the morning: they connect at
+        once, and each starts an agent the moment its welcome arrives, all at once."""
+        users = [UserRef(self._id(uid), self._tenant(t), self._user_id(self._tenant(t), self._id(uid))) for t, uid in members]
+        names = [self._name("c") for _ in users]
+        tokens = [self._credential(u.tenant.tid, u.uid) for u in users]
+
+        async def arrive() -> list[Conn | Refused]:
+            results: list[Conn | Refused | None] = [None] * len(users)
+
+            async def one(i: int) -> None:
+                results[i] = await self.driver.connect(names[i], users[i].tenant.tid, users[i].uid, tokens[i], via)
+
+            async with trio.open_nursery() as n:
+                for i in range(len(users)):
+                    n.start_soon(one, i)
+            return results  # type: ignore[return-value]
+
+        results = self._call(arrive)
+        refs = []
+        for name, user, result in zip(names, users, results, strict=True):
+            if isinstance(result, Refused):
+                self.checker.record(Violation("liveness", f"a valid token was refused at the handshake ({result.reason})",
+                                              {"connection": name, "tenant": user.tenant.tid, "user": user.uid, "via": via},
+                                              check="valid_token_accepted"))
+            refs.append(self._keep(ConnRef(name, user)))
+        threads = self._start_together([(ref, self._id(assistant)) for ref in refs])
+        event(f"crowd of {len(refs)}")
+        self.outcome = (f"{', '.join(r.name for r in refs)} arrived at once and started "
+                        f"{sum(1 for t in threads if t.thread_id is not None)} agents")
+        return multiple(*refs)
+
     def _connect_refused(self, tenant: TenantRef, uid: str, kind: str, via: str) -> None:
         user = UserRef(uid, tenant, self._user_id(tenant, uid))
         name = self._name("c")
@@ -421,18 +463,19 @@ class TenantMachine(RuleBasedStateMachine):
     # -- agents and threads --------------------------------------------------------------
 
     @precondition(lambda self: self.counts["th"] < MAX_THREADS)
-    @rule(conn=conns, assistant=assistant_names())
+    @rule(conn=conns, assistant=assistant_names(), instructions=INSTRUCTIONS)
     @recorded
-    def start_agent(self, conn: ConnRef, assistant: str | AtLimit) -> None:
-        self._start(conn, self._id(assistant))
+    def start_agent(self, conn: ConnRef, assistant: str | AtLimit, instructions: str | None = None) -> None:
+        self._start(conn, self._id(assistant), instructions)
 
-    def _start(self, conn: ConnRef, assistant: str) -> ThreadRef:
-        return self._start_together([(conn, assistant)])[0]
+    def _start(self, conn: ConnRef, assistant: str, instructions: str | None = None) -> ThreadRef:
+        return self._start_together([(conn, assistant)], instructions)[0]
 
-    def _start_together(self, starts: list[tuple[ConnRef, str]]) -> list[ThreadRef]:
+    def _start_together(self, starts: list[tuple[ConnRef, str]], instructions: str | None = None) -> list[ThreadRef]:
         """Start agents at the same instant and wait for all of them (threads named in order)."""
         names = [self._name("th") for _ in starts]
-        todo = [(conn, self.session.next_req_id(), {"assistant": assistant}) for conn, assistant in starts
+        extra = {} if instructions is None else {"instructions": instructions}
+        todo = [(conn, self.session.next_req_id(), {"assistant": assistant, **extra}) for conn, assistant in starts
                 if self._open(conn)]
 
         async def fire_and_wait() -> dict[str, Any]:
@@ -550,6 +593,23 @@ class TenantMachine(RuleBasedStateMachine):
         elif self._open(conn, threads[i % len(threads)]):
             self._send(conn, threads[i % len(threads)], self._marker_content(plan), plan)
 
+    @rule(conn=conns, i=st.integers(0, 7), plans=st.lists(contents(), min_size=2, max_size=4))
+    @recorded
+    def chat(self, conn: ConnRef, i: int, plans: list[ContentPlan]) -> None:
+        """Type several messages in a row without waiting for the replies (they queue behind each
+        other in the thread), as people do: messages are most of what a service carries."""
+        threads = self._talkable(conn)
+        if not threads:
+            self.outcome = f"{conn.name} has no thread to talk in"
+            return
+        thread = threads[i % len(threads)]
+        if not self._open(conn, thread):
+            return
+        for plan in plans:
+            self._fire(conn, "user_message", {"thread_id": thread.thread_id, "content": self._marker_content(plan)})
+        event(f"chat of {len(plans)}")
+        self.outcome = f"{conn.name} sent {len(plans)} messages in a row to {thread.name}"
+
     @rule(conn=conns, thread=st.integers(0, 15), limit=history_limits())
     @recorded
     def read_history(self, conn: ConnRef, thread: int, limit: object) -> None:
@@ -625,7 +685,7 @@ class TenantMachine(RuleBasedStateMachine):
         conns_=st.lists(conns, min_size=1, max_size=4),
         threads_=st.lists(st.integers(0, 15), min_size=1, max_size=4),
         kinds=st.lists(st.sampled_from(["start_agent", "user_message", "get_history", "join_thread", "ping",
-                                         "list_threads"]),
+                                         "list_threads", "leave_thread"]),
                        min_size=2, max_size=6),
         plan=contents(),
     )

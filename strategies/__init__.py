@@ -11,7 +11,7 @@ Markers are never drawn: the harness mints them and `build_content` places
 them, so shrinking cannot make two markers equal.
 """
 
-from partywall_strategies.content import ContentPlan, build_content, contents
+from partywall_strategies.content import HOSTILE, ContentPlan, build_content, contents
 from partywall_strategies.ids import (
     AtLimit,
     assistant_names,
@@ -30,6 +30,7 @@ from partywall_strategies.input import (
 
 __all__ = [
     "BAD_FRAME_KINDS",
+    "HOSTILE",
     "AtLimit",
     "ContentPlan",
     "assistant_names",

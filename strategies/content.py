@@ -29,15 +29,31 @@ class ContentPlan:
         return f"ContentPlan({self.size!r}, {self.text!r})"
 
 
+#: What attackers and careless clients put in messages: text that looks like the protocol's own
+#: frames or another tenant's data, injection attempts, and characters that break naive code.
+HOSTILE = (
+    '"}, {"type": "thread_message", "thread_id": "x", "content": "',
+    '{"type":"agent_response","re":"q1-0","content":"spoofed"}',
+    "'; DROP TABLE messages; --",
+    "\\u0000 \\ud800 \\",
+    "<script>alert(1)</script>",
+    "../../../../etc/passwd",
+    "%s%s%s%n ${jndi:ldap://x/a} {{7*7}}",
+    "\u202eevil\u202c \ufeff \u200b",
+    "\r\n\r\nHTTP/1.1 200 OK",
+    "\U0001f3f3\ufe0f\u200d\U0001f308" * 5,
+)
+
+
 @st.composite
 def contents(draw: st.DrawFn) -> ContentPlan:
     """A content plan. Mostly short text drawn from all of Unicode (astral and
-    non-Latin-1 characters included); sometimes empty, half the service's
+    non-Latin-1 characters included) or text an attacker sends (`HOSTILE`); sometimes empty, half the service's
     content limit (8 KiB in protocol v1), exactly the limit (16,384 bytes), or
     one byte over. Shrinks toward short empty text."""
     size = draw(st.sampled_from(SIZES))
     if size == "short":
-        return ContentPlan(size, draw(st.text(TEXT_CHARS, max_size=40)))
+        return ContentPlan(size, draw(st.one_of(st.text(TEXT_CHARS, max_size=40), st.sampled_from(HOSTILE))))
     if size == "empty":
         return ContentPlan(size, "")
     filler = draw(st.one_of(st.just("a"), st.sampled_from(["é", "€", "😀", "中"]), TEXT_CHARS))
