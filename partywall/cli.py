@@ -174,7 +174,8 @@ def cmd_run(ns: argparse.Namespace) -> int:
     given = _given(ns)
     if ns.list_invariants:
         configmod.resolve(given)
-        return _run_pytest("list", ["--co", "-s", "--partywall-list-invariants"], given, ns.verbose)
+        return _run_pytest("list", ["--co", "-s", "--partywall-list-invariants",
+                                    *(["--partywall-list-checks"] if ns.verbose else [])], given, ns.verbose)
     found = _precheck(given)
     print(f"partywall run: profile {found.get('profile')} against "
           f"{found.get('server_url') or found.get('server_cmd') or 'the embedded reference server'}", flush=True)

@@ -112,6 +112,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         opt.add_to(group.addoption, pytest=True)
     group.addoption("--partywall-replay", default=None, metavar="FILE", help="replay this failure file step by step")
     group.addoption("--partywall-list-invariants", action="store_true", help="print the invariants and run nothing")
+    group.addoption("--partywall-list-checks", action="store_true",
+                    help="with --partywall-list-invariants: each invariant's checks too")
 
 
 def _runs_properties(config: pytest.Config, given: dict[str, Any]) -> bool:
