@@ -518,6 +518,50 @@ def errors_say_no_internals(model: Model, ev: Event, frame: Frame | None) -> Ite
 
 
 @register("protocol")
+def replies_as_predicted(model: Model, ev: Event, frame: Frame | None) -> Iterator[Violation]:
+    """Each reply's fields are what the request and the model predict: its thread, fresh ids, its tenant's assistant."""
+    if not _frame_in(model, ev, frame) or frame is None or frame.type == "error":
+        return
+    req = model.reqs.get(frame.re or "")
+    if req is None or req.conn != ev.conn or req.type.startswith("raw:"):
+        return
+    data = frame.data
+    where = {**_where(model, ev), "request": req.req_id, "frame": frame.raw}
+    asked = req.fields.get("thread_id")
+    if isinstance(asked, str) and isinstance(data.get("thread_id"), str) and data["thread_id"] != asked:
+        yield Violation("protocol", f"a {req.type} request for one thread was answered with {frame.type!r} of another",
+                        {**where, "asked": asked, "answered": data["thread_id"]})
+    mid = data.get("message_id")
+    if frame.type in ("ack", "agent_response") and isinstance(mid, str) and mid in model.msgs:
+        yield Violation("protocol", f"{frame.type} names a message id the service gave before: ids must be unique",
+                        {**where, "message_id": mid, "first_given_by": model.msgs[mid].req_id})
+    if frame.type == "agent_started":
+        thread = data.get("thread_id")
+        if isinstance(thread, str) and thread in model.threads:
+            yield Violation("protocol", "start_agent answered with a thread the service had already opened, not a new one",
+                            {**where, "thread_id": thread})
+        name, assistant_id = req.fields.get("assistant"), data.get("assistant_id")
+        tenant = model.tenant_of(req.conn)
+        known = model.assistants.get((tenant, name)) if isinstance(name, str) else None
+        if isinstance(assistant_id, str) and known is not None and known != assistant_id:
+            yield Violation("protocol", f"assistant {name!r} of one tenant was given two assistant ids: start_agent "
+                                        "must find the tenant's assistant of that name",
+                            {**where, "first": known, "now": assistant_id})
+        other = next((n for (t, n), a in model.assistants.items() if t == tenant and a == assistant_id and n != name), None)
+        if isinstance(assistant_id, str) and other is not None:
+            yield Violation("protocol", f"assistants {other!r} and {name!r} of one tenant were given the same id",
+                            {**where, "assistant_id": assistant_id})
+    if frame.type == "threads" and isinstance(data.get("threads"), list):
+        for item in data["threads"]:
+            state = model.threads.get(item.get("thread_id")) if isinstance(item, dict) else None
+            if state is not None and isinstance(item.get("assistant"), str) and item["assistant"] != state.assistant:
+                yield Violation("protocol", "list_threads names another assistant than the thread was started with",
+                                {**where, "thread_id": state.thread_id, "started_with": state.assistant,
+                                 "listed": item["assistant"]})
+                return
+
+
+@register("protocol")
 def right_outcome(model: Model, ev: Event, frame: Frame | None) -> Iterator[Violation]:
     """Each request gets the outcome the protocol prescribes: success, or the right error code."""
     if ev.kind not in ("ok", "fail") or ev.op == "connect":

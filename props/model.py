@@ -138,6 +138,8 @@ class Model:
         """(connection, message id) of every fan-out copy (thread_message, agent_response) it received."""
         self.own_msgs: set[tuple[str, str]] = set()
         """(connection, message id) of every ack and agent_response it received for its own requests."""
+        self.assistants: dict[tuple[str, str], str] = {}
+        """(tenant, assistant name) -> the assistant_id the service gave it."""
         self.probes: dict[str, dict[str, Any]] = {}
         """req_id -> the probe it belongs to (foreign id vs nonexistent id)."""
         self.probe_replies: dict[str, dict[str, Any]] = {}
@@ -352,6 +354,9 @@ class Model:
         tenant = self.tenant_of(req.conn)
         if ftype == "agent_started":
             thread = data.get("thread_id")
+            name, assistant_id = req.fields.get("assistant"), data.get("assistant_id")
+            if isinstance(name, str) and isinstance(assistant_id, str):
+                self.assistants.setdefault((tenant, name), assistant_id)
             if isinstance(thread, str):
                 self.threads.setdefault(thread, ThreadState(thread, tenant, str(req.fields.get("assistant")),
                                                             self.conns[req.conn].user))

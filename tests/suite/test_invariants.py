@@ -515,3 +515,29 @@ def test_protocol_malformed_frame_answered_as_if_valid() -> None:
     s.reply("c0", "r1", {"type": "pong", "server_time": 1.0})
     assert s.by_check() == [("protocol", "frames_match_schema",
                              "a malformed frame (lone_surrogate) was answered with 'pong', not an error")]
+
+
+def test_protocol_replies_as_predicted() -> None:
+    # The same assistant name in one tenant: one assistant id; a new thread on every start.
+    s = Sim()
+    s.connect("c0", "acme")
+    s.start("c0", "r0", "T1", assistant_id="as1")
+    s.start("c0", "r1", "T2", assistant_id="as1")
+    assert s.found() == []
+    s.start("c0", "r2", "T3", assistant_id="as9")
+    s.start("c0", "r3", "T1", assistant_id="as1")
+    checks = [(c, t) for _, c, t in s.by_check()]
+    assert ("replies_as_predicted", "assistant 'helper' of one tenant was given two assistant ids: start_agent must "
+            "find the tenant's assistant of that name") in checks
+    assert ("replies_as_predicted", "start_agent answered with a thread the service had already opened, not a new one") in checks
+    # An ack for another thread than the one written to, and a message id given twice.
+    s = Sim()
+    s.connect("c0", "acme")
+    s.start("c0", "r0", "T1")
+    s.start("c0", "r1", "T2")
+    s.turn("c0", "r2", "T1", "one", "m1", "m2")
+    s.request("c0", "r3", "user_message", thread_id="T1", content="two")
+    s.reply("c0", "r3", {"type": "ack", "thread_id": "T2", "message_id": "m1"})
+    assert [t for _, c, t in s.by_check() if c == "replies_as_predicted"] == [
+        "a user_message request for one thread was answered with 'ack' of another",
+        "ack names a message id the service gave before: ids must be unique"]
