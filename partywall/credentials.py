@@ -182,7 +182,7 @@ class Credentials:
             return []
         return [(f"refused_token:{kind}",
                  f"a refused token of kind {kind} must be signed with the server's secret, which this run "
-                 f"does not have (credentials come from {self.source()}); bad_input sends a "
+                 f"does not have (credentials come from {self.source()}); bad_token sends a "
                  f"{INSTEAD[kind]} credential in its place")
                 for kind in NEEDS_SECRET]
 

@@ -36,9 +36,10 @@ def fold_example(coverage: dict[str, Any], program: list[dict[str, Any]], model:
             sizes[plan["content"][0]] += 1
         if step["rule"] == "burst":
             races[f"burst of {min(len(args.get('kinds', [])), 6)}"] += 1
-        elif step["rule"] == "bad_input":
-            what, value = args["kind"]
-            bad[what if what == "assistant" else f"{what}:{value}"] += 1  # names: one bucket, they are many
+        elif step["rule"] in ("bad_token", "bad_frame"):
+            bad[f"{step['rule'][4:]}:{args['kind']}"] += 1
+        elif step["rule"] == "bad_name":
+            bad["name"] += 1  # one bucket: names are many
     for probe in {id(p): p for p in model.probes.values()}.values():
         races[f"probe across {'tenants' if probe.get('whose', 'another tenant') == 'another tenant' else 'users'}"] += 1
     races["max in flight"] = max(races.get("max in flight", 0), _max_in_flight(model))

@@ -363,6 +363,10 @@ class Model:
                 self._join(req.conn, thread, req.t)
         elif ftype == "left" and isinstance(data.get("thread_id"), str):
             self._leave(req.conn, data["thread_id"], ev.t)
+        elif ftype == "joined" and isinstance(data.get("thread_id"), str):
+            # A join sent while a leave of the same thread was in flight: the leave's answer closed
+            # the span the join's invoke found open, and this answer opens the new one.
+            self._join(req.conn, data["thread_id"], ev.t)
         elif ftype == "ack" and req.acked is None and isinstance(data.get("message_id"), str):
             req.acked = data["message_id"]
             req.ack_t = ev.t

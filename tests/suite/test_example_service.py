@@ -96,7 +96,8 @@ def test_example_clean_passes_and_lists_what_its_semantics_rule_out(tmp_path: Pa
             "get_history limit"} <= not_run
     assert "refused_token:expired" in not_run  # minting one needs the secret, which the suite never has
     rules = report["stats"]["rules"]
-    assert {"talk", "probe", "read_history", "connect", "crash_and_restart", "bad_input"} <= set(rules), rules
+    assert {"talk", "chat", "probe", "read_history", "connect", "crowd", "crash_and_restart", "bad_token",
+            "bad_frame", "bad_name"} <= set(rules), rules
 
 
 @pytest.mark.parametrize("fault", sorted(FAULTS))
