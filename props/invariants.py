@@ -136,7 +136,7 @@ def foreign_like_absent(model: Model, ev: Event, frame: Frame | None) -> Iterato
 
 @register("routing")
 def replies_to_sender(model: Model, ev: Event, frame: Frame | None) -> Iterator[Violation]:
-    """A frame with ``re`` reaches only the connection that sent that request id."""
+    """A frame with re reaches only the connection that sent that request id."""
     if not _frame_in(model, ev, frame) or frame is None or frame.re is None:
         return
     req = model.reqs.get(frame.re)
@@ -462,7 +462,7 @@ def percentile_violations(samples: dict[str, list[float]], limits: dict[str, Any
 
 @register("protocol")
 def frames_match_schema(model: Model, ev: Event, frame: Frame | None) -> Iterator[Violation]:
-    """Every frame is a JSON object matching its type's schema; no ``internal`` errors."""
+    """Every frame is a JSON object matching its type's schema; no internal errors."""
     if not _frame_in(model, ev, frame) or frame is None:
         return
     if frame.problems:
