@@ -10,21 +10,38 @@ bug directly.
 
 from __future__ import annotations
 
+import itertools
+import json
 import logging
+import math
+import random
 import sqlite3
+import time
 from collections.abc import Callable
 from typing import Any, Final
 
 import attrs
+import jwt
 import trio
 
 from .agent import Agent
 from .auth import Authenticator, Principal
 from .connection import Connection
-from .hub import Hub
-from .protocol import TOO_LARGE, ProtocolError, RequestParser
-from .server import Components
-from .storage import MessageRecord, Storage, ThreadNotFound, ThreadRecord
+from .hub import Hub, Subscription
+from .protocol import (
+    BAD_REQUEST,
+    TOO_LARGE,
+    GetHistory,
+    ProtocolError,
+    Request,
+    RequestParser,
+    UserMessage,
+    encode,
+    error_frame,
+    message_too_large,
+)
+from .server import TOO_LARGE_MESSAGE, Components, SizeGuard
+from .storage import MessageRecord, Storage, ThreadNotFound, ThreadRecord, ThreadSummary
 from .turns import TurnScheduler
 
 log = logging.getLogger("agentserver.faults")
@@ -92,6 +109,59 @@ def case_insensitive_user(components: Components) -> Components:
     return attrs.evolve(components, authenticator=CaseInsensitiveUserAuthenticator)
 
 
+class AlgNoneAuthenticator(Authenticator):
+    """Accepts unsigned tokens (`alg` "none"), a shortcut for local testing that shipped."""
+
+    def verify(self, token: str) -> Principal | None:
+        try:
+            decoded = self._jws.decode_complete(token, options={"verify_signature": False})
+        except jwt.PyJWTError:
+            return None
+        if decoded["header"].get("alg") != "none":
+            return super().verify(token)
+        try:
+            claims = json.loads(decoded["payload"])
+        except (ValueError, RecursionError):
+            return None
+        return self.check_claims(claims, time.time()) if isinstance(claims, dict) else None
+
+
+def alg_none(components: Components) -> Components:
+    return attrs.evolve(components, authenticator=AlgNoneAuthenticator)
+
+
+class ExpiredAcceptedAuthenticator(Authenticator):
+    """Checks that `exp` is a number but never compares it with the clock."""
+
+    @staticmethod
+    def check_claims(claims: dict[str, Any], now: float) -> Principal | None:
+        return Authenticator.check_claims(claims, -math.inf)
+
+
+def expired_accepted(components: Components) -> Components:
+    return attrs.evolve(components, authenticator=ExpiredAcceptedAuthenticator)
+
+
+class ListAllTenantsStorage(Storage):
+    """`list_threads` forgets its tenant filter and lists every thread on the server."""
+
+    async def list_threads(self, tenant: str) -> list[ThreadSummary]:
+        def load(db: sqlite3.Connection) -> list[ThreadSummary]:
+            rows = db.execute(
+                "SELECT t.id, a.name, t.created_at,"
+                " (SELECT COUNT(*) FROM messages m WHERE m.thread_id = t.id)"
+                " FROM threads t JOIN assistants a ON a.id = t.assistant_id"
+                " ORDER BY t.rowid"
+            ).fetchall()
+            return [ThreadSummary(*row) for row in rows]
+
+        return await self.read(load)
+
+
+def list_all_tenants(components: Components) -> Components:
+    return attrs.evolve(components, storage=ListAllTenantsStorage)
+
+
 # -- routing -----------------------------------------------------------------
 
 
@@ -106,6 +176,71 @@ class StickySubscriptionHub(Hub):
 
 def sticky_subscription(components: Components) -> Components:
     return attrs.evolve(components, hub=StickySubscriptionHub)
+
+
+class EchoToRequesterScheduler(TurnScheduler):
+    """A turn fans out to every subscriber of the thread, the requester's own connection included.
+
+    `_turn` is `TurnScheduler._turn` with the requester left in the fan-out list.
+    """
+
+    async def _turn(
+        self, conn: Connection, request: UserMessage, thread: ThreadRecord, waited: bool
+    ) -> None:
+        thread_id, re = thread.thread_id, request.id
+        message = await self._storage.add_user_message(thread, conn.user, request.content)
+        conn.send(
+            encode(
+                {"type": "ack", "re": re, "thread_id": thread_id, "message_id": message.message_id}
+            )
+        )
+        others = self._hub.subscribers(thread_id)  # "the client ignores its own echo"
+        self._fan_out(
+            others,
+            thread_id,
+            encode(
+                {
+                    "type": "thread_message",
+                    "thread_id": thread_id,
+                    "message_id": message.message_id,
+                    "role": "user",
+                    "user": conn.user,
+                    "content": request.content,
+                }
+            ),
+        )
+        seq = itertools.count()
+
+        def emit(delta: str) -> None:
+            frame = {
+                "type": "agent_chunk",
+                "re": re,
+                "thread_id": thread_id,
+                "seq": next(seq),
+                "delta": delta,
+            }
+            conn.send(encode(frame))
+            del frame["re"]
+            self._fan_out(others, thread_id, encode(frame))
+
+        text = await self._agent.stream(request.content, emit)
+        reply = await self._storage.add_reply(thread, message.message_id, text)
+        self._deliver_response(conn, others, reply, re, waited)
+
+
+def echo_to_requester(components: Components) -> Components:
+    return attrs.evolve(components, scheduler=EchoToRequesterScheduler)
+
+
+class LiveMembershipHub(Hub):
+    """Fan-out checks only that a connection is joined now, not that it has been since the turn began."""
+
+    def receives(self, subscription: Subscription, thread_id: str) -> bool:
+        return subscription[0] in self._subscribers.get(thread_id, {})
+
+
+def rejoin_mid_turn(components: Components) -> Components:
+    return attrs.evolve(components, hub=LiveMembershipHub)
 
 
 # -- durability --------------------------------------------------------------
@@ -155,6 +290,39 @@ def lazy_commit(components: Components) -> Components:
     return attrs.evolve(components, storage=LazyCommitStorage)
 
 
+class LimitKeepsOldestStorage(Storage):
+    """Applies `limit` by slicing history from the front: the oldest `limit` messages, not the newest."""
+
+    async def history(self, thread: ThreadRecord, limit: int | None) -> list[MessageRecord]:
+        messages = await super().history(thread, None)
+        return messages if limit is None else messages[:limit]
+
+
+def limit_keeps_oldest(components: Components) -> Components:
+    return attrs.evolve(components, storage=LimitKeepsOldestStorage)
+
+
+class CountUserMessagesOnlyStorage(Storage):
+    """`list_threads`' `message_count` counts user messages only, not the replies."""
+
+    async def list_threads(self, tenant: str) -> list[ThreadSummary]:
+        def load(db: sqlite3.Connection) -> list[ThreadSummary]:
+            rows = db.execute(
+                "SELECT t.id, a.name, t.created_at,"
+                " (SELECT COUNT(*) FROM messages m WHERE m.thread_id = t.id AND m.role = 'user')"
+                " FROM threads t JOIN assistants a ON a.id = t.assistant_id"
+                " WHERE t.tenant = ? ORDER BY t.rowid",
+                (tenant,),
+            ).fetchall()
+            return [ThreadSummary(*row) for row in rows]
+
+        return await self.read(load)
+
+
+def count_user_messages_only(components: Components) -> Components:
+    return attrs.evolve(components, storage=CountUserMessagesOnlyStorage)
+
+
 # -- exactly once --------------------------------------------------------------
 
 
@@ -196,6 +364,74 @@ class HistoryByIdStorage(Storage):
 
 def history_by_id(components: Components) -> Components:
     return attrs.evolve(components, storage=HistoryByIdStorage)
+
+
+#: Upper bound of the per-chunk work each chunk task of `chunks_race` does before sending.
+CHUNK_TASK_SECONDS: Final = 0.02
+
+
+class ChunksRaceScheduler(TurnScheduler):
+    """Sends each chunk from a task of its own ("a slow chunk must not hold up the stream"), so chunks overtake each other.
+
+    Each chunk task does a little work of varying length before it sends (a
+    moderation call, say; here up to 20 ms); the reply still goes last, once
+    every chunk task has finished. `_turn` is `TurnScheduler._turn` with
+    `emit` handing each chunk to a task.
+    """
+
+    async def _turn(
+        self, conn: Connection, request: UserMessage, thread: ThreadRecord, waited: bool
+    ) -> None:
+        thread_id, re = thread.thread_id, request.id
+        message = await self._storage.add_user_message(thread, conn.user, request.content)
+        conn.send(
+            encode(
+                {"type": "ack", "re": re, "thread_id": thread_id, "message_id": message.message_id}
+            )
+        )
+        others = [s for s in self._hub.subscribers(thread_id) if s[0] is not conn]
+        self._fan_out(
+            others,
+            thread_id,
+            encode(
+                {
+                    "type": "thread_message",
+                    "thread_id": thread_id,
+                    "message_id": message.message_id,
+                    "role": "user",
+                    "user": conn.user,
+                    "content": request.content,
+                }
+            ),
+        )
+        seq = itertools.count()
+        async with trio.open_nursery() as chunk_tasks:
+
+            def emit(delta: str) -> None:
+                frame = {
+                    "type": "agent_chunk",
+                    "re": re,
+                    "thread_id": thread_id,
+                    "seq": next(seq),
+                    "delta": delta,
+                }
+                chunk_tasks.start_soon(self._send_chunk, conn, others, frame)
+
+            text = await self._agent.stream(request.content, emit)
+        reply = await self._storage.add_reply(thread, message.message_id, text)
+        self._deliver_response(conn, others, reply, re, waited)
+
+    async def _send_chunk(
+        self, conn: Connection, others: list[Subscription], frame: dict[str, Any]
+    ) -> None:
+        await trio.sleep(random.uniform(0.0, CHUNK_TASK_SECONDS))
+        conn.send(encode(frame))
+        del frame["re"]
+        self._fan_out(others, frame["thread_id"], encode(frame))
+
+
+def chunks_race(components: Components) -> Components:
+    return attrs.evolve(components, scheduler=ChunksRaceScheduler)
 
 
 # -- liveness ----------------------------------------------------------------
@@ -253,6 +489,109 @@ def content_limit_code(components: Components) -> Components:
     return attrs.evolve(components, parser=ContentLimitCodeParser)
 
 
+class VerboseErrorsParser(RequestParser):
+    """Appends the exception's own text to `bad_request` messages ("more detail helps clients")."""
+
+    def parse(self, message: str | bytes) -> Request:
+        try:
+            return super().parse(message)
+        except ProtocolError as exc:
+            cause = exc.__context__  # the JSON error, kept although raised `from None`
+            if cause is None:
+                raise
+            detail = f"{exc.message} ({type(cause).__name__}: {cause})"
+            raise ProtocolError(exc.code, detail, exc.re) from None
+
+
+def verbose_errors(components: Components) -> Components:
+    return attrs.evolve(components, parser=VerboseErrorsParser)
+
+
+def _request_id(message: str | bytes) -> str | None:
+    try:
+        obj = json.loads(message)
+    except (ValueError, RecursionError):
+        return None
+    request_id = obj.get("id") if isinstance(obj, dict) else None
+    return request_id if isinstance(request_id, str) else None
+
+
+class ParseBeforeSizeGuard(SizeGuard):
+    """Reads the request's id before the size check (for the log line) and echoes it on `too_large`."""
+
+    def refuse(self, conn: Connection, message: str | bytes) -> bool:
+        request_id = _request_id(message)
+        if not message_too_large(message):
+            return False
+        log.info("request %r is too large", request_id)
+        conn.send(error_frame(TOO_LARGE, TOO_LARGE_MESSAGE, request_id))
+        conn.close(1009, "message too big")
+        return True
+
+
+def parse_before_size(components: Components) -> Components:
+    return attrs.evolve(components, size_guard=ParseBeforeSizeGuard)
+
+
+class OversizeStaysOpenGuard(SizeGuard):
+    """Sends `too_large` for an oversized message but keeps the connection open ("the client can go on")."""
+
+    def refuse(self, conn: Connection, message: str | bytes) -> bool:
+        if not message_too_large(message):
+            return False
+        conn.send(error_frame(TOO_LARGE, TOO_LARGE_MESSAGE))
+        return True
+
+
+def oversize_stays_open(components: Components) -> Components:
+    return attrs.evolve(components, size_guard=OversizeStaysOpenGuard)
+
+
+class TransportCut1MibGuard(SizeGuard):
+    """Leaves trio-websocket's message cap at its default 1 MiB, which closes bigger messages with 1009 before our `too_large`."""
+
+    max_message = 1 << 20
+
+
+def transport_cut_1mib(components: Components) -> Components:
+    return attrs.evolve(components, size_guard=TransportCut1MibGuard)
+
+
+class BoolIsIntLimitParser(RequestParser):
+    """Checks `limit` with `isinstance(limit, int)`, so JSON `true` passes as 1."""
+
+    def _history(self, request_id: str, obj: dict[str, Any]) -> GetHistory:
+        thread_id = self._string(obj, "thread_id", request_id)
+        limit = obj.get("limit")
+        if "limit" in obj and (not isinstance(limit, int) or limit < 1):
+            raise ProtocolError(
+                BAD_REQUEST, "`limit` must be an integer of at least 1 when given.", request_id
+            )
+        return GetHistory(request_id, thread_id, limit)
+
+    _builders = {**RequestParser._builders, "get_history": _history}  # type: ignore[misc]
+
+
+def bool_is_int_limit(components: Components) -> Components:
+    return attrs.evolve(components, parser=BoolIsIntLimitParser)
+
+
+class SurrogatesPassParser(RequestParser):
+    """Re-serialises each frame before parsing (for the audit log), so an escaped lone surrogate arrives raw, where the `\\u`-only check never looks."""
+
+    def parse(self, message: str | bytes) -> Request:
+        if isinstance(message, str):
+            try:
+                message = encode(json.loads(message))
+            except (ValueError, RecursionError):
+                pass  # the real parse says what is wrong with it
+        return super().parse(message)
+
+
+def surrogates_pass(components: Components) -> Components:
+    return attrs.evolve(components, parser=SurrogatesPassParser)
+
+
 FAULTS: Final[dict[str, Modifier]] = {
     "foreign_thread_lookup": foreign_thread_lookup,
     "assistant_by_name": assistant_by_name,
@@ -265,6 +604,20 @@ FAULTS: Final[dict[str, Modifier]] = {
     "lost_wakeup": lost_wakeup,
     "serial_startup": serial_startup,
     "content_limit_code": content_limit_code,
+    "alg_none": alg_none,
+    "expired_accepted": expired_accepted,
+    "list_all_tenants": list_all_tenants,
+    "echo_to_requester": echo_to_requester,
+    "rejoin_mid_turn": rejoin_mid_turn,
+    "limit_keeps_oldest": limit_keeps_oldest,
+    "count_user_messages_only": count_user_messages_only,
+    "chunks_race": chunks_race,
+    "verbose_errors": verbose_errors,
+    "parse_before_size": parse_before_size,
+    "oversize_stays_open": oversize_stays_open,
+    "transport_cut_1mib": transport_cut_1mib,
+    "bool_is_int_limit": bool_is_int_limit,
+    "surrogates_pass": surrogates_pass,
 }
 
 

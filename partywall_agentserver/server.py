@@ -66,6 +66,29 @@ WS_MAX_MESSAGE: Final = 32 << 20
 #: Complete messages trio-websocket may buffer before its reader pauses; the
 #: request loop drains it continuously.
 WS_QUEUE: Final = 32
+#: The `too_large` error's message.
+TOO_LARGE_MESSAGE: Final = (
+    f"A message may be at most {MAX_MESSAGE_BYTES} bytes of UTF-8; closing the connection."
+)
+
+
+class SizeGuard:
+    """Oversized client messages: the transport's cap, and what a message over our limit gets.
+
+    A component like the others (only so a planted fault can swap the rule):
+    `too_large` without `re` (the message is not parsed), then a close with 1009.
+    """
+
+    max_message: int = WS_MAX_MESSAGE
+    """Passed to trio-websocket, which closes with 1009 by itself past it."""
+
+    def refuse(self, conn: Connection, message: str | bytes) -> bool:
+        """Answer `message` if it is over MAX_MESSAGE_BYTES (True); False leaves it to be parsed."""
+        if not message_too_large(message):
+            return False
+        conn.send(error_frame(TOO_LARGE, TOO_LARGE_MESSAGE))
+        conn.close(1009, "message too big")
+        return True
 
 
 @attrs.frozen
@@ -78,6 +101,7 @@ class Components:
     agent: type[Agent] = Agent
     authenticator: type[Authenticator] = Authenticator
     parser: type[RequestParser] = RequestParser
+    size_guard: type[SizeGuard] = SizeGuard
 
 
 @attrs.frozen
@@ -103,6 +127,7 @@ class AgentServer:
         self.agent = components.agent(config.agent)
         self.auth = components.authenticator(config.secret)
         self.parser = components.parser()
+        self.size_guard = components.size_guard()
         self.connections: set[Connection] = set()
         self._scheduler: TurnScheduler | None = None
         self._accepting = trio.CancelScope()
@@ -213,7 +238,7 @@ class AgentServer:
                 nursery,
                 stream,
                 message_queue_size=WS_QUEUE,
-                max_message_size=WS_MAX_MESSAGE,
+                max_message_size=self.size_guard.max_message,
                 receive_buffer_size=None,
             )
         if request is None:
@@ -253,24 +278,16 @@ class AgentServer:
 
     async def _read_requests(self, conn: Connection, requests: trio.Nursery) -> None:
         ws = conn.ws
-        parse = self.parser.parse
-        while True:
+        parse, refuse = self.parser.parse, self.size_guard.refuse
+        while not conn.closed:
             try:
                 message = await ws.get_message()
             except ConnectionClosed:
                 return
             if conn.closed:
                 return
-            if message_too_large(message):
-                conn.send(
-                    error_frame(
-                        TOO_LARGE,
-                        f"A message may be at most {MAX_MESSAGE_BYTES} bytes of UTF-8; "
-                        "closing the connection.",
-                    )
-                )
-                conn.close(1009, "message too big")
-                return
+            if refuse(conn, message):
+                continue  # refused: the connection is closing, so the loop ends
             try:
                 request = parse(message)
             except ProtocolError as exc:

@@ -231,9 +231,12 @@ def history_keeps_commits(model: Model, ev: Event, frame: Frame | None) -> Itera
         if item is None:
             if windowed:
                 # Older than the window, or left out: the window holds the newest `limit`, so
-                # nothing in it may be older than a message it leaves out.
+                # nothing in it may be older than a message it leaves out. Known older: committed
+                # before the left-out one was sent, or the user message the left-out reply answers.
                 older = [model.msgs[mid] for mid in by_id if mid in model.msgs
-                         and model.msgs[mid].known_t < msg.invoke_t]
+                         and (model.msgs[mid].known_t < msg.invoke_t
+                              or (msg.role == "assistant" and model.msgs[mid].role == "user"
+                                  and model.msgs[mid].req_id == msg.req_id))]
                 if older:
                     yield Violation("durability", f"history with limit {limit} left out a newer message and returned "
                                                   "an older one",

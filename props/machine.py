@@ -650,8 +650,23 @@ class TenantMachine(RuleBasedStateMachine):
         if self._crosses(conn, thread):
             self._probe(conn, "get_history", thread, fields)
             return
+        if "limit" in fields:
+            # A window is judged against what was committed before it was read: let the turns
+            # this example has in flight in the thread finish first, so the window it must
+            # return is known, and a wrong one is seen every time the program runs.
+            self._call(self._quiesce, thread.thread_id)
         self._fire(conn, "get_history", {"thread_id": thread.thread_id, **fields})
         self.outcome = f"{conn.name} reads {thread.name} (limit {limit!r})"
+
+    async def _quiesce(self, thread_id: str | None) -> None:
+        """Wait (up to the reply limit) for this example's messages in flight in ``thread_id``."""
+        rids = [r.req_id for r in self.model.reqs.values()
+                if r.type == "user_message" and r.outcome is None and r.fields.get("thread_id") == thread_id]
+        with trio.move_on_after(self.driver.reply_timeout_s):
+            for rid in rids:
+                pending = self.driver.pending.get(rid)
+                if pending is not None:
+                    await pending.done.wait()
 
     def _bad_frame(self, conn: ConnRef, kind: str) -> None:
         if not self._open(conn):

@@ -5,16 +5,22 @@ proofs that the suite's invariants catch them (those live with the suite).
 Rules under test: every name in ARCHITECTURE.md's table is accepted and
 changes the server's behaviour in exactly the way the table says; the
 behaviour without the fault is covered by the conformance tests next to
-this file. Each test runs its own server on 127.0.0.1 port 0, time-bounded.
+this file, and the later tests here also run their script against a clean
+server (the session's shared one, on a tenant of their own) to show the
+difference. Each test runs its own server on 127.0.0.1 port 0, time-bounded.
 """
 
 from __future__ import annotations
 
+import json
+import time
 from typing import Any
 
 import trio
+from trio_websocket import ConnectionClosed
 
-from .wsclient import FAST, ServerProcess, new_thread, open_client, run
+from .test_handshake import status_of
+from .wsclient import FAST, ServerProcess, b64url, make_token, new_thread, open_client, run
 
 PACED = ["--startup-ms", "0:0", "--chunks", "4", "--chunk-delay-ms", "60:60"]
 
@@ -195,3 +201,276 @@ def test_fault_installation_is_announced_on_stderr(start_server: Any) -> None:
     server: ServerProcess = start_server(*FAST, "--fault", "history_by_id")
     assert server.terminate() == 0
     assert "history_by_id" in server.stderr_text()
+
+
+# -- the faults below each run one script against the faulty server and a clean one --------
+
+
+def test_fault_verbose_errors_puts_the_exception_in_the_message(
+    start_server: Any, fast_server: ServerProcess, tenant: str
+) -> None:
+    server = start_server(*FAST, "--fault", "verbose_errors")
+
+    async def message_for(target: ServerProcess) -> str:
+        async with open_client(target, tenant) as client:
+            await client.send('{"type": "ping", "id": "x",')
+            return str((await client.wait_for(lambda f: f["type"] == "error"))["message"])
+
+    async def main() -> None:
+        assert "JSONDecodeError: Expecting" in await message_for(server)
+        assert "Error" not in await message_for(fast_server)
+
+    run(main)
+
+
+OVERSIZED = json.dumps({"type": "ping", "id": "big", "pad": "y" * 70_000})
+
+
+async def oversized_answer(
+    target: ServerProcess, tenant: str, payload: str = OVERSIZED
+) -> tuple[list[dict[str, Any]], int | None]:
+    """The error frames an oversized message earns, and the close code (None: open after 1 s)."""
+    async with open_client(target, tenant) as client:
+        try:
+            await client.send(payload)
+        except ConnectionClosed:
+            pass  # closed while we were still sending it
+        with trio.move_on_after(1.0):
+            await client.wait_closed()
+        return client.of_type("error"), client.close_code
+
+
+def test_fault_parse_before_size_echoes_the_id_on_too_large(
+    start_server: Any, fast_server: ServerProcess, tenant: str
+) -> None:
+    server = start_server(*FAST, "--fault", "parse_before_size")
+
+    async def main() -> None:
+        errors, code = await oversized_answer(server, tenant)
+        assert [(e["code"], e.get("re")) for e in errors] == [("too_large", "big")] and code == 1009
+        errors, code = await oversized_answer(fast_server, tenant)
+        assert [(e["code"], e.get("re")) for e in errors] == [("too_large", None)] and code == 1009
+
+    run(main)
+
+
+def test_fault_oversize_stays_open_keeps_answering_after_too_large(
+    start_server: Any, fast_server: ServerProcess, tenant: str
+) -> None:
+    server = start_server(*FAST, "--fault", "oversize_stays_open")
+
+    async def main() -> None:
+        async with open_client(server, tenant) as client:
+            await client.send(OVERSIZED)
+            error = await client.wait_for(lambda f: f["type"] == "error")
+            assert error["code"] == "too_large"
+            assert (await client.call("ping", "pong"))["type"] == "pong"
+            assert client.close_code is None
+        errors, code = await oversized_answer(fast_server, tenant)
+        assert [e["code"] for e in errors] == ["too_large"] and code == 1009
+
+    run(main)
+
+
+def test_fault_transport_cut_1mib_closes_without_too_large(
+    start_server: Any, fast_server: ServerProcess, tenant: str
+) -> None:
+    server = start_server(*FAST, "--fault", "transport_cut_1mib")
+    two_mib = json.dumps({"type": "ping", "id": "two", "pad": "v" * (2 << 20)})
+
+    async def main() -> None:
+        assert await oversized_answer(server, tenant, two_mib) == ([], 1009)
+        errors, code = await oversized_answer(server, tenant)  # under 1 MiB: our own rule
+        assert [e["code"] for e in errors] == ["too_large"] and code == 1009
+        errors, code = await oversized_answer(fast_server, tenant, two_mib)
+        assert [e["code"] for e in errors] == ["too_large"] and code == 1009
+
+    run(main)
+
+
+def test_fault_bool_is_int_limit_takes_true_as_one(
+    start_server: Any, fast_server: ServerProcess, tenant: str
+) -> None:
+    server = start_server(*FAST, "--fault", "bool_is_int_limit")
+
+    async def read_with_true(target: ServerProcess) -> dict[str, Any]:
+        async with open_client(target, tenant) as client:
+            thread_id = await new_thread(client)
+            await client.turn(thread_id, "one")
+            return await client.call("get_history", thread_id=thread_id, limit=True)
+
+    async def main() -> None:
+        history = await read_with_true(server)
+        assert history["type"] == "history" and len(history["messages"]) == 1
+        error = await read_with_true(fast_server)
+        assert (error["type"], error["code"]) == ("error", "bad_request")
+
+    run(main)
+
+
+def test_fault_surrogates_pass_answers_a_lone_surrogate(
+    start_server: Any, fast_server: ServerProcess, tenant: str
+) -> None:
+    server = start_server(*FAST, "--fault", "surrogates_pass")
+
+    async def answer(target: ServerProcess) -> dict[str, Any]:
+        async with open_client(target, tenant) as client:
+            await client.send('{"type": "ping", "id": "s", "note": "\\ud800"}')
+            return await client.reply("s")
+
+    async def main() -> None:
+        assert (await answer(server))["type"] == "pong"
+        refused = await answer(fast_server)
+        assert (refused["type"], refused["code"]) == ("error", "bad_request")
+
+    run(main)
+
+
+def test_fault_chunks_race_sends_chunks_out_of_order(
+    start_server: Any, fast_server: ServerProcess, tenant: str
+) -> None:
+    server = start_server(*FAST, "--fault", "chunks_race")
+
+    async def seqs_of_turns(target: ServerProcess) -> list[list[int]]:
+        async with open_client(target, tenant) as client:
+            thread_id = await new_thread(client)
+            turns = []
+            for n in range(8):
+                frames = await client.turn(thread_id, f"message {n}")
+                assert frames[-1]["type"] == "agent_response"  # the reply still comes last
+                turns.append([f["seq"] for f in frames if f["type"] == "agent_chunk"])
+            return turns
+
+    async def main() -> None:
+        raced = await seqs_of_turns(server)
+        assert all(sorted(seqs) == [0, 1, 2, 3] for seqs in raced)
+        assert any(seqs != [0, 1, 2, 3] for seqs in raced), raced
+        assert all(seqs == [0, 1, 2, 3] for seqs in await seqs_of_turns(fast_server))
+
+    run(main)
+
+
+def test_fault_echo_to_requester_sends_the_requester_its_own_fanout(
+    start_server: Any, fast_server: ServerProcess, tenant: str
+) -> None:
+    server = start_server(*FAST, "--fault", "echo_to_requester")
+
+    async def copies(target: ServerProcess) -> list[dict[str, Any]]:
+        async with open_client(target, tenant) as client:
+            thread_id = await new_thread(client)
+            frames = await client.turn(thread_id, "mine")
+            await trio.sleep(0.1)
+            ids = {frames[0]["message_id"], frames[-1]["message_id"]}
+            return [f for f in client.frames if "re" not in f and f.get("message_id") in ids]
+
+    async def main() -> None:
+        assert [f["type"] for f in await copies(server)] == ["thread_message", "agent_response"]
+        assert await copies(fast_server) == []
+
+    run(main)
+
+
+def test_fault_rejoin_mid_turn_gives_the_rest_of_the_turn(
+    start_server: Any, paced_server: ServerProcess, tenant: str
+) -> None:
+    server = start_server(*PACED, "--fault", "rejoin_mid_turn")
+
+    async def after_rejoin(target: ServerProcess) -> list[str]:
+        """The fan-out frames a watcher gets of a turn after it leaves and joins again mid-turn."""
+        async with open_client(target, tenant, "a") as a, open_client(target, tenant, "b") as b:
+            thread_id = await new_thread(a)
+            await b.call("join_thread", "joined", thread_id=thread_id)
+            request_id = await a.request("user_message", thread_id=thread_id, content="turn")
+            await b.wait_for(lambda f: f["type"] == "agent_chunk")
+            await b.call("leave_thread", "left", thread_id=thread_id)
+            rejoined = len(b.frames)
+            await b.call("join_thread", "joined", thread_id=thread_id)
+            await a.reply(request_id, "agent_response")
+            await trio.sleep(0.1)
+            return [f["type"] for f in b.frames[rejoined:] if "re" not in f]
+
+    async def main() -> None:
+        assert (await after_rejoin(server))[-1:] == ["agent_response"]
+        assert await after_rejoin(paced_server) == []
+
+    run(main)
+
+
+def test_fault_alg_none_accepts_unsigned_tokens(
+    start_server: Any, fast_server: ServerProcess
+) -> None:
+    server = start_server(*FAST, "--fault", "alg_none")
+    claims = {"tid": "acme", "sub": "alice", "exp": time.time() + 60}
+    unsigned = b64url(b'{"alg":"none","typ":"JWT"}') + "." + b64url(json.dumps(claims).encode()) + "."
+    assert status_of(server, unsigned) == 101
+    assert status_of(server, make_token(key="not-the-secret")) == 401  # signatures still count
+    assert status_of(fast_server, unsigned) == 401
+
+
+def test_fault_expired_accepted_lets_an_expired_token_in(
+    start_server: Any, fast_server: ServerProcess
+) -> None:
+    server = start_server(*FAST, "--fault", "expired_accepted")
+    expired = make_token(ttl=-3600)
+    assert status_of(server, expired) == 101
+    assert status_of(server, make_token(exp=str(int(time.time()) + 60))) == 401  # still a number
+    assert status_of(fast_server, expired) == 401
+
+
+def test_fault_limit_keeps_oldest_returns_the_oldest_messages(
+    start_server: Any, fast_server: ServerProcess, tenant: str
+) -> None:
+    server = start_server(*FAST, "--fault", "limit_keeps_oldest")
+
+    async def last_two(target: ServerProcess) -> list[str]:
+        async with open_client(target, tenant) as client:
+            thread_id = await new_thread(client)
+            for content in ("old", "new"):
+                await client.turn(thread_id, content)
+            history = await client.call("get_history", "history", thread_id=thread_id, limit=2)
+            return [m["content"] for m in history["messages"]]
+
+    async def main() -> None:
+        assert await last_two(server) == ["old", "echo: old"]
+        assert await last_two(fast_server) == ["new", "echo: new"]
+
+    run(main)
+
+
+def test_fault_list_all_tenants_lists_other_tenants_threads(
+    start_server: Any, fast_server: ServerProcess, tenant: str
+) -> None:
+    server = start_server(*FAST, "--fault", "list_all_tenants")
+
+    async def listed_by_other(target: ServerProcess) -> tuple[str, set[str]]:
+        async with open_client(target, tenant) as owner, open_client(target, tenant + "-b") as other:
+            thread_id = await new_thread(owner)
+            threads = await other.call("list_threads", "threads")
+            return thread_id, {t["thread_id"] for t in threads["threads"]}
+
+    async def main() -> None:
+        thread_id, listed = await listed_by_other(server)
+        assert thread_id in listed
+        thread_id, listed = await listed_by_other(fast_server)
+        assert thread_id not in listed
+
+    run(main)
+
+
+def test_fault_count_user_messages_only_leaves_replies_out_of_the_count(
+    start_server: Any, fast_server: ServerProcess, tenant: str
+) -> None:
+    server = start_server(*FAST, "--fault", "count_user_messages_only")
+
+    async def count(target: ServerProcess) -> int:
+        async with open_client(target, tenant) as client:
+            thread_id = await new_thread(client)
+            await client.turn(thread_id, "one")
+            threads = await client.call("list_threads", "threads")
+            return int(next(t for t in threads["threads"] if t["thread_id"] == thread_id)["message_count"])
+
+    async def main() -> None:
+        assert await count(server) == 1
+        assert await count(fast_server) == 2
+
+    run(main)

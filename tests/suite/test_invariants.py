@@ -541,3 +541,12 @@ def test_protocol_replies_as_predicted() -> None:
     assert [t for _, c, t in s.by_check() if c == "replies_as_predicted"] == [
         "a user_message request for one thread was answered with 'ack' of another",
         "ack names a message id the service gave before: ids must be unique"]
+
+
+def test_durability_history_limit_one_returns_the_message_not_its_reply() -> None:
+    s = two_tenants_with_a_turn()  # m1 and its reply m2, both known before the read
+    s.request("c0", "r3", "get_history", thread_id="T1", limit=1)
+    s.reply("c0", "r3", {"type": "history", "thread_id": "T1", "messages": [
+        {"message_id": "m1", "role": "user", "user": "alice", "content": f"{M1} hello", "created_at": 1.0}]}, final="ok")
+    assert s.by_check() == [("durability", "history_keeps_commits",
+                             "history with limit 1 left out a newer message and returned an older one")]
