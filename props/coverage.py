@@ -36,8 +36,10 @@ def fold_example(coverage: dict[str, Any], program: list[dict[str, Any]], model:
             sizes[plan["content"][0]] += 1
         if step["rule"] == "burst":
             races[f"burst of {min(len(args.get('kinds', [])), 6)}"] += 1
-        elif step["rule"] in ("bad_token", "bad_frame"):
-            bad[f"{step['rule'][4:]}:{args['kind']}"] += 1
+        elif step["rule"] == "bad_token":
+            bad["token: every kind"] += 1
+        elif step["rule"] == "bad_frame":
+            bad[f"frame: every kind{', then ' + args['closing'] if args.get('closing') else ''}"] += 1
         elif step["rule"] == "bad_name":
             bad["name"] += 1  # one bucket: names are many
     for probe in {id(p): p for p in model.probes.values()}.values():

@@ -55,7 +55,9 @@ def _own_reply(model: Model, ev: Event, frame: Frame | None, ftype: str) -> Req 
     if not _frame_in(model, ev, frame) or frame is None or frame.type != ftype:
         return None
     req = model.reqs.get(frame.re or "")
-    return req if req is not None and req.conn == ev.conn else None
+    if req is None or req.conn != ev.conn or "ok" not in req.accepts:
+        return None  # a request the protocol says must fail: right_outcome reports its answer
+    return req
 
 
 # -- isolation -----------------------------------------------------------------

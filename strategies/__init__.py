@@ -24,6 +24,7 @@ from partywall_strategies.ids import (
 from partywall_strategies.input import (
     BAD_FRAME_KINDS,
     bad_frames,
+    closing_frames,
     history_limits,
     token_kinds,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "bad_assistant_names",
     "bad_frames",
     "build_content",
+    "closing_frames",
     "contents",
     "history_limits",
     "id_text",

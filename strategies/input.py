@@ -17,6 +17,12 @@ def bad_frames() -> st.SearchStrategy[str]:
     return st.sampled_from(BAD_FRAME_KINDS)
 
 
+def closing_frames() -> st.SearchStrategy[str | None]:
+    """Which frame the service must answer by closing, if any, goes after the others:
+    none, one just over its frame limit, or one of 16 MiB. Shrinks toward none."""
+    return st.sampled_from([None, "oversize", "oversize_16mib"])
+
+
 def token_kinds() -> st.SearchStrategy[str]:
     """A kind of token the server must refuse; shrinks toward ``unsigned``."""
     return st.sampled_from(BAD_TOKEN_KINDS)
