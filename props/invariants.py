@@ -224,6 +224,11 @@ def history_keeps_commits(model: Model, ev: Event, frame: Frame | None) -> Itera
     by_id = {m.get("message_id"): m for m in got if isinstance(m, dict)}
     limit = req.fields.get("limit")
     windowed = isinstance(limit, int) and not isinstance(limit, bool)
+    if windowed:
+        known = [model.msgs[m.get("message_id")] for m in got if isinstance(m, dict) and m.get("message_id") in model.msgs]
+        if any(b.known_t < a.invoke_t or (a.role == "assistant" and b.role == "user" and a.req_id == b.req_id)
+               for i, a in enumerate(known) for b in known[i + 1:]):
+            return  # out of commit order: history_in_commit_order says so, and no window is judged by it
     expected = req.expect_history
     if windowed and len(got) < min(limit, len(expected)):
         yield Violation("durability", f"history with limit {limit} returned {len(got)} messages; at least {min(limit, len(expected))} were committed",
