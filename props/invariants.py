@@ -185,6 +185,8 @@ def turn_whole_or_nothing(model: Model, ev: Event, frame: Frame | None) -> Itera
         return
     if not model.receives_fanout(ev.conn, thread, ev.t):  # type: ignore[arg-type]
         return  # fanout_to_members reports it
+    if frame.type == "agent_response" and (ev.conn, frame.data.get("message_id")) in model.fanout_responses:
+        return  # the same reply again: one_complete_reply reports it
     turn = model.fanout.get((ev.conn, thread))  # type: ignore[arg-type]
     if turn is None or not turn.started:
         spans = [(round(m.start, 3), m.end and round(m.end, 3)) for m in model.members.get((ev.conn, thread), [])]  # type: ignore[index]
