@@ -54,7 +54,9 @@ def update_coverage(medians: dict[str, float]) -> None:
         cells = line.split(" | ")
         faults = re.findall(r"`([a-z_0-9]+)`", cells[-2]) if "**gap**" not in cells[-2] else []
         if faults:
-            cells[-1] = ", ".join(f"{medians[f]:.1f}" if f in medians else "?" for f in faults) + " |"
+            before = cells[-1].rstrip(" |").split(", ")
+            before = before if len(before) == len(faults) else ["?"] * len(faults)
+            cells[-1] = ", ".join(f"{medians[f]:.1f}" if f in medians else old for f, old in zip(faults, before)) + " |"
             lines[i] = " | ".join(cells)
     path.write_text("\n".join(lines) + "\n")
 

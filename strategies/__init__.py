@@ -23,6 +23,7 @@ from partywall_strategies.ids import (
 )
 from partywall_strategies.input import (
     BAD_FRAME_KINDS,
+    CLOSING_KINDS,
     bad_frames,
     closing_frames,
     history_limits,
@@ -31,6 +32,7 @@ from partywall_strategies.input import (
 
 __all__ = [
     "BAD_FRAME_KINDS",
+    "CLOSING_KINDS",
     "HOSTILE",
     "AtLimit",
     "ContentPlan",

@@ -17,10 +17,14 @@ def bad_frames() -> st.SearchStrategy[str]:
     return st.sampled_from(BAD_FRAME_KINDS)
 
 
+#: The malformed frames a service must answer by closing the connection (too_large, 1009).
+CLOSING_KINDS = ("oversize", "oversize_16mib")
+
+
 def closing_frames() -> st.SearchStrategy[str | None]:
     """Which frame the service must answer by closing, if any, goes after the others:
     none, one just over its frame limit, or one of 16 MiB. Shrinks toward none."""
-    return st.sampled_from([None, "oversize", "oversize_16mib"])
+    return st.sampled_from([None, *CLOSING_KINDS])
 
 
 def token_kinds() -> st.SearchStrategy[str]:
