@@ -18,6 +18,7 @@ import argparse
 import json
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +34,12 @@ def one(fault: str, seed: int) -> tuple:
     proof = PROOFS[fault]
     with tempfile.TemporaryDirectory() as tmp:
         started = time.monotonic()
-        found = run_suite(Path(tmp), proof.server, (*proof.options, "--seed", str(seed)), fault)
+        try:
+            found = run_suite(Path(tmp), proof.server, (*proof.options, "--seed", str(seed)), fault)
+        except (OSError, ValueError, subprocess.TimeoutExpired) as exc:  # no report: killed, or out of time
+            print(f"{fault} seed {seed}: no report ({type(exc).__name__})", file=sys.stderr)
+            return (fault, seed, f"{proof.invariant}/{proof.check}", "-", None, time.monotonic() - started,
+                    None, None, None, None)
         took = time.monotonic() - started
         v = found.report["violations"][0] if found.report["violations"] else {}
         steps = len(json.loads(Path(v["replay"]).read_text())["program"]) if v.get("replay") else None
