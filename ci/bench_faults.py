@@ -62,7 +62,7 @@ def update_coverage(medians: dict[str, float]) -> None:
         if faults:
             before = cells[-1].rstrip(" |").split(", ")
             before = before if len(before) == len(faults) else ["?"] * len(faults)
-            cells[-1] = ", ".join(f"{medians[f]:.1f}" if f in medians else old for f, old in zip(faults, before)) + " |"
+            cells[-1] = ", ".join(f"{medians[f]:.1f}" if f in medians else old for f, old in zip(faults, before, strict=True)) + " |"
             lines[i] = " | ".join(cells)
     path.write_text("\n".join(lines) + "\n")
 
