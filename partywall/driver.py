@@ -475,12 +475,11 @@ class Driver:
         self._observe(ev, None)
         try:
             await conn.ws.send_message(message)
-        except ConnectionClosed as exc:
-            # The server closed it while the frame was going out (a transport that refuses a
-            # message past its own size limit does): what it said is the server's close.
-            code = exc.reason.code if exc.reason is not None else None
-            conn.close_code = code
-            self._mark_closed(conn, f"closed by the server (code {code}) while sending", code=code)
+        except ConnectionClosed:
+            # The server closed it while the frame was going out (after its too_large, or a
+            # transport that refuses a message past its own size limit): the reader records
+            # that close, with its code, after every frame that came before it.
+            pass
         return pending
 
     async def wait(self, pending: Pending) -> Frame | None:

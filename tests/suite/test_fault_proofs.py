@@ -66,6 +66,11 @@ class Proof:
     option_set: str = attrs.field(validator=attrs.validators.in_(OPTION_SETS))
     deterministic: bool = True
     """Every re-run of the shrunk program must reproduce it (else one of three is enough)."""
+    also: tuple[str, ...] = ()
+    """Other ``invariant/check`` that may name it first, where the bug breaks that clause too."""
+
+    def names(self, invariant: str, check: str) -> bool:
+        return (invariant, check) == (self.invariant, self.check) or f"{invariant}/{check}" in self.also
 
     @property
     def server(self) -> str:
@@ -84,8 +89,10 @@ PROOFS: dict[str, Proof] = {
     "sticky_subscription": Proof("routing", "fanout_to_members", "streaming"),
     "lazy_commit": Proof("durability", "history_keeps_commits", "fast"),
     "queued_turn_double_reply": Proof("exactly-once", "one_complete_reply", "streaming", deterministic=False),
-    # Random message ids put a message and its reply in the right order half the time.
-    "history_by_id": Proof("ordering", "history_in_commit_order", "fast", deterministic=False),
+    # Random message ids put a message and its reply in the right order half the time. Read with
+    # a limit, the same bug picks the wrong messages for the window (the newest by id).
+    "history_by_id": Proof("ordering", "history_in_commit_order", "fast", deterministic=False,
+                           also=("durability/history_keeps_commits",)),
     "lost_wakeup": Proof("liveness", "answered_in_time", "short_reply_limit", deterministic=False),
     "serial_startup": Proof("timing", "within_limits", "startup_limit", deterministic=False),
     "content_limit_code": Proof("protocol", "frames_match_schema", "fast"),
@@ -182,7 +189,7 @@ def test_fault_is_found_by_the_generated_suite(tmp_path: Path, fault: str, contr
     found = run_suite(tmp_path, proof.server, proof.options, fault)
     assert found.code == 1, f"expected exit 1 (a violation) against {fault}, got {found.code}:\n{found.output[-3000:]}"
     v = found.report["violations"][0]
-    assert (v["invariant"], v["check"]) == (proof.invariant, proof.check), (
+    assert proof.names(v["invariant"], v["check"]), (
         f"{fault} must be caught by {proof.invariant}/{proof.check}, got {v['invariant']}/{v['check']}: {v['title']}")
     program = json.loads(Path(v["replay"]).read_text())["program"]
     rules = [step["rule"] for step in program]
