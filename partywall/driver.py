@@ -355,7 +355,10 @@ class Driver:
         except ConnectionClosed as exc:
             code = exc.reason.code if exc.reason is not None else None
             conn.close_code = code
-            self._mark_closed(conn, f"closed by the server (code {code})", code=code)
+            if conn.stop.is_set():  # the suite is closing it (a disconnect step, the end of an example)
+                self._mark_closed(conn, "abrupt drop" if conn.abrupt else "closed by the suite", code=code)
+            else:
+                self._mark_closed(conn, f"closed by the server (code {code})", code=code)
             conn.stop.set()
 
     def _record_frame(self, conn: Conn, message: str | bytes) -> Frame:

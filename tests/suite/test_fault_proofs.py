@@ -86,7 +86,8 @@ PROOFS: dict[str, Proof] = {
     "assistant_by_name": Proof("isolation", "no_foreign_data", "fast"),
     "not_found_names_owner": Proof("isolation", "foreign_like_absent", "fast"),
     "case_insensitive_user": Proof("isolation", "identity_as_token", "fast"),
-    "sticky_subscription": Proof("routing", "fanout_to_members", "streaming"),
+    # A connection that left and joined again also gets the rest of the turn that was streaming.
+    "sticky_subscription": Proof("routing", "fanout_to_members", "streaming", also=("routing/turn_whole_or_nothing",)),
     "lazy_commit": Proof("durability", "history_keeps_commits", "fast"),
     "queued_turn_double_reply": Proof("exactly-once", "one_complete_reply", "streaming", deterministic=False),
     # Random message ids put a message and its reply in the right order half the time. Read with
