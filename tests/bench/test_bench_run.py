@@ -87,7 +87,7 @@ def test_bench_20_users_against_the_embedded_server_passes_with_a_complete_repor
 @pytest.mark.slow
 @pytest.mark.timeout(150)
 def test_bench_fails_the_p95_gate_when_agent_startups_serialise(tmp_path: Path) -> None:
-    secret = secrets.token_urlsafe(32)
+    secret = "s" + secrets.token_urlsafe(32)  # never "-...": argparse would take it for an option
     cmd = (f"{shlex.quote(sys.executable)} -m partywall_agentserver --port 0 --db {shlex.quote(str(tmp_path / 'serial.db'))} "
            "--fault serial_startup --startup-ms 100:150")
     report_path = tmp_path / "report.json"
@@ -114,7 +114,7 @@ def test_bench_fails_the_p95_gate_when_agent_startups_serialise(tmp_path: Path) 
 def test_bench_fails_on_a_leak_even_when_it_is_fast(tmp_path: Path) -> None:
     # The plan gives users of different tenants the same assistant names; a server that looks
     # assistants up by name alone hands one tenant's assistant to another.
-    secret = secrets.token_urlsafe(32)
+    secret = "s" + secrets.token_urlsafe(32)  # never "-...": argparse would take it for an option
     cmd = (f"{shlex.quote(sys.executable)} -m partywall_agentserver --port 0 --db {shlex.quote(str(tmp_path / 'leak.db'))} "
            "--fault assistant_by_name")
     report_path = tmp_path / "report.json"
