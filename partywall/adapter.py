@@ -110,6 +110,10 @@ BAD_FRAME_KINDS = (
     "oversize_16mib",
 )
 
+#: Other paths of the service's own host and port (`Adapter.other_path`), each of which it must refuse
+#: at the handshake even with a valid credential.
+OTHER_PATH_KINDS = ("root", "sibling", "child", "trailing_slash", "dot_segment")
+
 #: Who a thread belongs to: everyone of its tenant, or only the user who opened it.
 THREAD_SCOPES = ("tenant", "user")
 #: Who receives a thread's fan-out besides the requester's own replies.
@@ -226,9 +230,13 @@ class Adapter:
     history_limit: ClassVar[bool] = True
     """Whether get_history takes a ``limit`` (the newest N messages)."""
     credential_ways: ClassVar[dict[str, str]] = {"header": "an Authorization: Bearer header",
-                                                 "query": "the token query parameter"}
+                                                 "query": "the token query parameter",
+                                                 "both": "a token in the header and another in the query: "
+                                                         "the header's counts"}
     """The two ways the machine draws (``header`` and ``query``) and what each means on this
-    service, for the report (two ways of its own, or the same one twice)."""
+    service, for the report (two ways of its own, or the same one twice); and ``both`` where the
+    service takes a credential both ways at once and the one sent as ``header`` must count
+    (`handshake_both`; without it that rule is listed under ``not_run``)."""
 
     def completes(self, req_type: str, frame: Frame) -> bool:
         """Whether ``frame``, an answer to a request of ``req_type``, is its last one."""
@@ -256,6 +264,22 @@ class Adapter:
             query = (parts.query + "&" if parts.query else "") + "token=" + quote(token, safe="")
             return urlunsplit(parts._replace(query=query)), []
         raise HarnessError(f"token must go via 'header' or 'query' (got {via!r}).")
+
+    def handshake_both(self, url: str, header_token: str, query_token: str) -> tuple[str, list[tuple[str, str]]]:
+        """The URL and headers carrying one credential as ``header`` and another as ``query`` at once."""
+        url, _ = self.handshake(url, query_token, "query")
+        return url, self.handshake(url, header_token, "header")[1]
+
+    def other_path(self, url: str, kind: str) -> str:
+        """The service's URL with another path of kind ``kind`` (one of `OTHER_PATH_KINDS`), which
+        the service must refuse at the handshake (v1: HTTP 404): the same host, another path."""
+        parts = urlsplit(url)
+        own = parts.path.rstrip("/") or ""
+        path = {"root": "/", "sibling": own + "x", "child": own + "/admin", "trailing_slash": own + "/",
+                "dot_segment": own + "/../admin"}[kind]
+        if path == (parts.path or "/"):  # a service at the root: its own path is not another
+            path = own + "/partywall-other-path"
+        return urlunsplit(parts._replace(path=path))
 
     def auth_message(self, token: str, via: str) -> str | bytes | None:
         """The first message after the socket opens, for a service that authenticates there

@@ -1,4 +1,4 @@
-"""Handshake authentication: HS256 JWTs from the header or `?token=`.
+"""Handshake checks: the service's path, then HS256 JWTs from the header or `?token=`.
 
 PyJWT checks the signature and the algorithm; the claims are checked here,
 because PyJWT truncates `exp` to whole seconds (a token that expires in half
@@ -13,7 +13,7 @@ import math
 import time
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Final
 from urllib.parse import parse_qs, urlsplit
 
 import attrs
@@ -23,6 +23,8 @@ from jwt.warnings import InsecureKeyLengthWarning
 from .protocol import is_valid_id
 
 ALGORITHM = "HS256"
+#: The one path the service answers on; any other is refused with 404 before the token is read.
+WS_PATH: Final = "/ws"
 
 
 @attrs.frozen
@@ -43,11 +45,16 @@ _strict_json = json.JSONDecoder(parse_constant=_reject_constant)
 
 
 class Authenticator:
-    """Verifies handshake tokens against one shared secret."""
+    """Checks a handshake: its path, then its token against one shared secret."""
 
     def __init__(self, secret: str | bytes) -> None:
         self._secret = secret.encode("utf-8") if isinstance(secret, str) else secret
         self._jws = jwt.PyJWS()
+
+    @staticmethod
+    def serves_path(target: str) -> bool:
+        """Whether a handshake's request target is the service's path (the query aside), exactly."""
+        return handshake_path(target) == WS_PATH
 
     @staticmethod
     def token_from(headers: Sequence[tuple[bytes, bytes]], target: str) -> str | None:

@@ -10,14 +10,13 @@ bug directly.
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import math
 import random
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import attrs
@@ -41,7 +40,13 @@ from .protocol import (
     message_too_large,
 )
 from .server import TOO_LARGE_MESSAGE, Components, SizeGuard
-from .storage import MessageRecord, Storage, ThreadNotFound, ThreadRecord, ThreadSummary
+from .storage import (
+    MessageRecord,
+    Storage,
+    ThreadNotFound,
+    ThreadRecord,
+    ThreadSummary,
+)
 from .turns import TurnScheduler
 
 log = logging.getLogger("agentserver.faults")
@@ -142,6 +147,31 @@ def expired_accepted(components: Components) -> Components:
     return attrs.evolve(components, authenticator=ExpiredAcceptedAuthenticator)
 
 
+class AnyPathAuthenticator(Authenticator):
+    """Leaves paths to the reverse proxy in front ("it only forwards /ws"), so every path of the server opens a connection."""
+
+    @staticmethod
+    def serves_path(target: str) -> bool:
+        return True
+
+
+def any_path_accepted(components: Components) -> Components:
+    return attrs.evolve(components, authenticator=AnyPathAuthenticator)
+
+
+class QueryWinsAuthenticator(Authenticator):
+    """Reads `?token=` first ("the browser client's way") and the Authorization header only when there is none."""
+
+    @staticmethod
+    def token_from(headers: Sequence[tuple[bytes, bytes]], target: str) -> str | None:
+        from_query = Authenticator.token_from((), target)
+        return from_query if from_query is not None else Authenticator.token_from(headers, "")
+
+
+def query_wins(components: Components) -> Components:
+    return attrs.evolve(components, authenticator=QueryWinsAuthenticator)
+
+
 class ListAllTenantsStorage(Storage):
     """`list_threads` forgets its tenant filter and lists every thread on the server."""
 
@@ -179,57 +209,38 @@ def sticky_subscription(components: Components) -> Components:
 
 
 class EchoToRequesterScheduler(TurnScheduler):
-    """A turn fans out to every subscriber of the thread, the requester's own connection included.
+    """A turn fans out to every subscriber of the thread, the requester's own connection included."""
 
-    `_turn` is `TurnScheduler._turn` with the requester left in the fan-out list.
-    """
-
-    async def _turn(
-        self, conn: Connection, request: UserMessage, thread: ThreadRecord, waited: bool
-    ) -> None:
-        thread_id, re = thread.thread_id, request.id
-        message = await self._storage.add_user_message(thread, conn.user, request.content)
-        conn.send(
-            encode(
-                {"type": "ack", "re": re, "thread_id": thread_id, "message_id": message.message_id}
-            )
-        )
-        others = self._hub.subscribers(thread_id)  # "the client ignores its own echo"
-        self._fan_out(
-            others,
-            thread_id,
-            encode(
-                {
-                    "type": "thread_message",
-                    "thread_id": thread_id,
-                    "message_id": message.message_id,
-                    "role": "user",
-                    "user": conn.user,
-                    "content": request.content,
-                }
-            ),
-        )
-        seq = itertools.count()
-
-        def emit(delta: str) -> None:
-            frame = {
-                "type": "agent_chunk",
-                "re": re,
-                "thread_id": thread_id,
-                "seq": next(seq),
-                "delta": delta,
-            }
-            conn.send(encode(frame))
-            del frame["re"]
-            self._fan_out(others, thread_id, encode(frame))
-
-        text = await self._agent.stream(request.content, emit)
-        reply = await self._storage.add_reply(thread, message.message_id, text)
-        self._deliver_response(conn, others, reply, re, waited)
+    def _watchers(self, conn: Connection, thread_id: str) -> list[Subscription]:
+        return self._hub.subscribers(thread_id)  # "the client ignores its own echo"
 
 
 def echo_to_requester(components: Components) -> Components:
     return attrs.evolve(components, scheduler=EchoToRequesterScheduler)
+
+
+class ReplyToFirstDeviceScheduler(TurnScheduler):
+    """Streams a turn to the user rather than to the connection that asked ("so a user who
+    reconnects mid-turn still gets the reply"): the hub is asked for the user's connection by
+    tenant and user, and answers with the one that joined a thread first, which is another
+    device of the same user when the user has two."""
+
+    async def _turn(
+        self, conn: Connection, request: UserMessage, thread: ThreadRecord, waited: bool
+    ) -> None:
+        device = next(
+            (
+                other
+                for other in self._hub.connections()
+                if (other.tenant, other.user) == (conn.tenant, conn.user) and not other.closed
+            ),
+            conn,
+        )
+        await super()._turn(device, request, thread, waited)
+
+
+def reply_to_first_device(components: Components) -> Components:
+    return attrs.evolve(components, scheduler=ReplyToFirstDeviceScheduler)
 
 
 class LiveMembershipHub(Hub):
@@ -323,6 +334,19 @@ def count_user_messages_only(components: Components) -> Components:
     return attrs.evolve(components, storage=CountUserMessagesOnlyStorage)
 
 
+class RecoveryUncommittedStorage(Storage):
+    """Writes the replies a crash left owed in one transaction at start-up, but never commits it:
+    the server's writer commits in `_commit`, and this start-up path was written without one, so
+    closing the database rolls every recovery reply back (the log still says they were answered)."""
+
+    def _end_recovery(self, db: sqlite3.Connection) -> None:
+        pass  # no COMMIT: closing the connection rolls the replies back
+
+
+def recovery_uncommitted(components: Components) -> Components:
+    return attrs.evolve(components, storage=RecoveryUncommittedStorage)
+
+
 # -- exactly once --------------------------------------------------------------
 
 
@@ -375,59 +399,34 @@ class ChunksRaceScheduler(TurnScheduler):
 
     Each chunk task does a little work of varying length before it sends (a
     moderation call, say; here up to 20 ms); the reply still goes last, once
-    every chunk task has finished. `_turn` is `TurnScheduler._turn` with
-    `emit` handing each chunk to a task.
+    every chunk task of the turn has finished.
     """
 
-    async def _turn(
-        self, conn: Connection, request: UserMessage, thread: ThreadRecord, waited: bool
-    ) -> None:
-        thread_id, re = thread.thread_id, request.id
-        message = await self._storage.add_user_message(thread, conn.user, request.content)
-        conn.send(
-            encode(
-                {"type": "ack", "re": re, "thread_id": thread_id, "message_id": message.message_id}
-            )
-        )
-        others = [s for s in self._hub.subscribers(thread_id) if s[0] is not conn]
-        self._fan_out(
-            others,
-            thread_id,
-            encode(
-                {
-                    "type": "thread_message",
-                    "thread_id": thread_id,
-                    "message_id": message.message_id,
-                    "role": "user",
-                    "user": conn.user,
-                    "content": request.content,
-                }
-            ),
-        )
-        seq = itertools.count()
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._chunk_tasks: dict[str, trio.Nursery] = {}
+        """The running turn's chunk tasks, by thread (a thread runs one turn at a time)."""
+
+    async def _stream(
+        self, conn: Connection, others: list[Subscription], request: UserMessage, thread_id: str
+    ) -> str:
         async with trio.open_nursery() as chunk_tasks:
+            self._chunk_tasks[thread_id] = chunk_tasks
+            try:
+                return await super()._stream(conn, others, request, thread_id)
+            finally:
+                del self._chunk_tasks[thread_id]
 
-            def emit(delta: str) -> None:
-                frame = {
-                    "type": "agent_chunk",
-                    "re": re,
-                    "thread_id": thread_id,
-                    "seq": next(seq),
-                    "delta": delta,
-                }
-                chunk_tasks.start_soon(self._send_chunk, conn, others, frame)
+    def _send_chunk(
+        self, conn: Connection, others: list[Subscription], frame: dict[str, Any]
+    ) -> None:
+        self._chunk_tasks[frame["thread_id"]].start_soon(self._send_later, conn, others, frame)
 
-            text = await self._agent.stream(request.content, emit)
-        reply = await self._storage.add_reply(thread, message.message_id, text)
-        self._deliver_response(conn, others, reply, re, waited)
-
-    async def _send_chunk(
+    async def _send_later(
         self, conn: Connection, others: list[Subscription], frame: dict[str, Any]
     ) -> None:
         await trio.sleep(random.uniform(0.0, CHUNK_TASK_SECONDS))
-        conn.send(encode(frame))
-        del frame["re"]
-        self._fan_out(others, frame["thread_id"], encode(frame))
+        super()._send_chunk(conn, others, frame)
 
 
 def chunks_race(components: Components) -> Components:
@@ -606,11 +605,15 @@ FAULTS: Final[dict[str, Modifier]] = {
     "content_limit_code": content_limit_code,
     "alg_none": alg_none,
     "expired_accepted": expired_accepted,
+    "any_path_accepted": any_path_accepted,
+    "query_wins": query_wins,
     "list_all_tenants": list_all_tenants,
     "echo_to_requester": echo_to_requester,
+    "reply_to_first_device": reply_to_first_device,
     "rejoin_mid_turn": rejoin_mid_turn,
     "limit_keeps_oldest": limit_keeps_oldest,
     "count_user_messages_only": count_user_messages_only,
+    "recovery_uncommitted": recovery_uncommitted,
     "chunks_race": chunks_race,
     "verbose_errors": verbose_errors,
     "parse_before_size": parse_before_size,

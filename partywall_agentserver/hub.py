@@ -61,6 +61,10 @@ class Hub:
         """A snapshot of the thread's subscriptions (a turn takes one when it begins)."""
         return list(self._subscribers.get(thread_id, {}).items())
 
+    def connections(self) -> list[Connection]:
+        """Every open connection that has joined a thread, in the order each first joined one."""
+        return list(self._joined)
+
     def drop(self, conn: Connection) -> None:
         """Forget a closed connection everywhere."""
         for thread_id in self._joined.pop(conn, ()):

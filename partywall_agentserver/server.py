@@ -21,7 +21,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketRequest, wrap_server_stream
 
 from .agent import Agent, AgentConfig
-from .auth import Authenticator, handshake_path
+from .auth import Authenticator
 from .connection import Connection
 from .hub import Hub
 from .protocol import (
@@ -53,7 +53,6 @@ from .turns import TurnScheduler, answer_unanswered
 
 log = logging.getLogger("agentserver")
 
-WS_PATH: Final = "/ws"
 #: Seconds a client gets to send its opening handshake.
 HANDSHAKE_TIMEOUT: Final = 10.0
 #: Seconds to wait for a peer's close frame before dropping the TCP connection.
@@ -244,7 +243,7 @@ class AgentServer:
         if request is None:
             return  # no handshake in time (or the client left mid-handshake)
         try:
-            if handshake_path(request.path) != WS_PATH:
+            if not self.auth.serves_path(request.path):
                 await request.reject(404)
                 return
             token = self.auth.token_from(request.headers, request.path)

@@ -604,6 +604,10 @@ class Storage:
                     new_id(), item.thread.thread_id, "assistant", None, content, time.time()
                 )
                 self._message_writer(record, item.message.message_id)(db)
-            db.execute("COMMIT")
+            self._end_recovery(db)
         finally:
             db.close()
+
+    def _end_recovery(self, db: sqlite3.Connection) -> None:
+        """Commit the recovery replies' transaction."""
+        db.execute("COMMIT")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from typing import Any
 
 import attrs
 import trio
@@ -110,16 +111,13 @@ class TurnScheduler:
         self, conn: Connection, request: UserMessage, thread: ThreadRecord, waited: bool
     ) -> None:
         thread_id, re = thread.thread_id, request.id
-        hub = self._hub
         message = await self._storage.add_user_message(thread, conn.user, request.content)
         conn.send(
             encode(
                 {"type": "ack", "re": re, "thread_id": thread_id, "message_id": message.message_id}
             )
         )
-        # Fan-out goes to the connections joined when the turn began that are
-        # still joined, without a break, when each frame goes out.
-        others = [s for s in hub.subscribers(thread_id) if s[0] is not conn]
+        others = self._watchers(conn, thread_id)
         self._fan_out(
             others,
             thread_id,
@@ -134,26 +132,47 @@ class TurnScheduler:
                 }
             ),
         )
+        text = await self._stream(conn, others, request, thread_id)
+        reply = await self._storage.add_reply(thread, message.message_id, text)
+        self._deliver_response(conn, others, reply, re, waited)
+
+    def _watchers(self, conn: Connection, thread_id: str) -> list[Subscription]:
+        """Who receives the turn's fan-out: the thread's subscriptions when the turn begins, but
+        the requester's own. Each frame then goes to those still joined without a break
+        (`_fan_out`)."""
+        return [s for s in self._hub.subscribers(thread_id) if s[0] is not conn]
+
+    async def _stream(
+        self, conn: Connection, others: list[Subscription], request: UserMessage, thread_id: str
+    ) -> str:
+        """Run the agent, sending each chunk as it comes (`_send_chunk`); returns the reply's text."""
         seq = 0
 
         def emit(delta: str) -> None:
             nonlocal seq
-            frame = {
-                "type": "agent_chunk",
-                "re": re,
-                "thread_id": thread_id,
-                "seq": seq,
-                "delta": delta,
-            }
-            conn.send(encode(frame))
-            if others:
-                del frame["re"]
-                self._fan_out(others, thread_id, encode(frame))
+            self._send_chunk(
+                conn,
+                others,
+                {
+                    "type": "agent_chunk",
+                    "re": request.id,
+                    "thread_id": thread_id,
+                    "seq": seq,
+                    "delta": delta,
+                },
+            )
             seq += 1
 
-        text = await self._agent.stream(request.content, emit)
-        reply = await self._storage.add_reply(thread, message.message_id, text)
-        self._deliver_response(conn, others, reply, re, waited)
+        return await self._agent.stream(request.content, emit)
+
+    def _send_chunk(
+        self, conn: Connection, others: list[Subscription], frame: dict[str, Any]
+    ) -> None:
+        """One chunk: to the requester with `re`, and to the watchers without."""
+        conn.send(encode(frame))
+        if others:
+            del frame["re"]
+            self._fan_out(others, frame["thread_id"], encode(frame))
 
     def _fan_out(self, others: list[Subscription], thread_id: str, frame: str) -> None:
         receives = self._hub.receives

@@ -96,10 +96,14 @@ def no_foreign_data(model: Model, ev: Event, frame: Frame | None) -> Iterator[Vi
 
 @register("isolation")
 def identity_as_token(model: Model, ev: Event, frame: Frame | None) -> Iterator[Violation]:
-    """A welcome names the token's tenant and user; a token that must be refused opens nothing."""
+    """A welcome names the token's tenant and user (the header's, when a token is sent both ways at once);
+    a token that must be refused, or another path than the service's, opens nothing."""
     if ev.kind == "ok" and ev.op == "connect" and ev.conn in model.conns:
         conn = model.conns[ev.conn]
-        if conn.token_kind != "valid":
+        if conn.token_kind == "other_path":
+            yield Violation("isolation", "a handshake on another path than the service's opened a connection",
+                            {**_where(model, ev), "welcome": ev.data.get("welcome")})
+        elif conn.token_kind != "valid":
             yield Violation("isolation", f"a token that must be refused ({conn.token_kind}) opened a connection",
                             {**_where(model, ev), "token_kind": conn.token_kind, "welcome": ev.data.get("welcome")})
         welcome = ev.data.get("welcome") or {}

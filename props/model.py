@@ -34,7 +34,8 @@ class ConnState:
     user: str
     token_kind: str
     """``valid``, or a kind the server must refuse: one of partywall.tokens.BAD_TOKEN_KINDS or
-    partywall.credentials.EXTRA_BAD_KINDS (no credential at all, a tampered one)."""
+    partywall.credentials.EXTRA_BAD_KINDS (no credential at all, a tampered one), or ``other_path``
+    (a valid credential on another path than the service's)."""
     open: bool = False
     opened_t: float | None = None
     closed_t: float | None = None

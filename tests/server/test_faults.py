@@ -19,7 +19,7 @@ from typing import Any
 import trio
 from trio_websocket import ConnectionClosed
 
-from .test_handshake import status_of
+from .test_handshake import raw_handshake, status_of
 from .wsclient import FAST, ServerProcess, b64url, make_token, new_thread, open_client, run
 
 PACED = ["--startup-ms", "0:0", "--chunks", "4", "--chunk-delay-ms", "60:60"]
@@ -474,3 +474,99 @@ def test_fault_count_user_messages_only_leaves_replies_out_of_the_count(
         assert await count(fast_server) == 2
 
     run(main)
+
+
+def test_fault_reply_to_first_device_sends_the_reply_to_the_users_other_connection(
+    start_server: Any, fast_server: ServerProcess, tenant: str
+) -> None:
+    server = start_server(*FAST, "--fault", "reply_to_first_device")
+
+    async def with_re(target: ServerProcess) -> tuple[list[str], list[str]]:
+        """The types of frames with `re` that the user's first and second device get for the second's turn."""
+        async with open_client(target, tenant, "alice") as first, open_client(
+            target, tenant, "alice"
+        ) as second:
+            thread_id = await new_thread(first)
+            await second.call("join_thread", "joined", thread_id=thread_id)
+            request_id = await second.request("user_message", thread_id=thread_id, content="mine")
+            await (first if target is server else second).reply(request_id, "agent_response")
+            await trio.sleep(0.1)
+            return [
+                [f["type"] for f in client.frames if f.get("re") == request_id]
+                for client in (first, second)
+            ]
+
+    async def main() -> None:
+        first, second = await with_re(server)
+        assert first[:1] == ["ack"] and first[-1:] == ["agent_response"] and second == []
+        assert await with_re(fast_server) == [[], first]
+
+    run(main)
+
+
+def test_fault_recovery_uncommitted_leaves_a_pending_message_unanswered(
+    start_server: Any,
+) -> None:
+    state: dict[str, Any] = {}
+
+    def crash_mid_turn(server: ServerProcess) -> list[tuple[str, str]]:
+        """Kill the server while a turn streams, restart it, and read the thread back."""
+
+        async def main() -> None:
+            async with open_client(server, "crash") as client:
+                thread_id = await new_thread(client)
+                request_id = await client.request(
+                    "user_message", thread_id=thread_id, content="pending"
+                )
+                await client.reply(request_id, "ack")
+                state["thread_id"] = thread_id
+                server.kill()
+                await client.wait_closed()
+
+        run(main)
+        server.restart()
+
+        async def after() -> list[tuple[str, str]]:
+            async with open_client(server, "crash") as client:
+                history = await client.call("get_history", "history", thread_id=state["thread_id"])
+                return [(m["role"], m["content"]) for m in history["messages"]]
+
+        return run(after)  # type: ignore[no-any-return]
+
+    slow = ["--startup-ms", "0:0", "--chunks", "4", "--chunk-delay-ms", "300:300"]
+    faulty = start_server(*slow, "--fault", "recovery_uncommitted")
+    assert crash_mid_turn(faulty) == [("user", "pending")]
+    clean = start_server(*slow)
+    assert crash_mid_turn(clean) == [("user", "pending"), ("assistant", "echo: pending")]
+
+
+def test_fault_any_path_accepted_opens_other_paths(
+    start_server: Any, fast_server: ServerProcess
+) -> None:
+    server = start_server(*FAST, "--fault", "any_path_accepted")
+    token = make_token()
+    for path in ("/", "/wsx", "/ws/", "/ws/admin", "/ws/../admin"):
+        assert status_of(server, token, target=path) == 101, path
+        assert status_of(fast_server, token, target=path) == 404, path
+    assert status_of(server, make_token(key="not-the-secret"), target="/admin") == 401  # tokens still count
+
+
+def test_fault_query_wins_takes_the_query_token_over_the_header(
+    start_server: Any, fast_server: ServerProcess, tenant: str
+) -> None:
+    server = start_server(*FAST, "--fault", "query_wins")
+    header = [(b"authorization", b"Bearer " + make_token(tenant, "alice").encode())]
+    query = "token=" + make_token(tenant + "-other", "mallory")
+
+    async def welcomed_as(target: ServerProcess) -> tuple[str, str]:
+        async with open_client(target, headers=header, query=query) as client:
+            return client.welcome["tenant"], client.welcome["user"]
+
+    async def main() -> None:
+        assert await welcomed_as(server) == (tenant + "-other", "mallory")
+        assert await welcomed_as(fast_server) == (tenant, "alice")
+
+    run(main)
+    refused = {"Authorization": "Bearer " + make_token(key="not-the-secret")}
+    assert raw_handshake(server, "/ws?" + query, refused)[0] == 101
+    assert raw_handshake(fast_server, "/ws?" + query, refused)[0] == 401
