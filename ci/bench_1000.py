@@ -11,7 +11,7 @@ worker is a process of its own and runs its shard of the same seeded plan
 (worker gwK runs the users with index % WORKERS == K) against that one server,
 given by ``--server-url``/``--auth-secret``/``--server-pid`` so every shard
 samples the server's own process. Each worker writes ``REPORT.gwK.json``;
-`merge_bench_reports` merges them (percentiles from merged histograms, never
+`partywall.benchreport.merge_reports` (what ``partywall merge`` runs) merges them (percentiles from merged histograms, never
 averaged; thresholds re-evaluated on the merged figures) into
 ``DIR/bench-1000.json``, ``.html`` and ``.xml``, and the figures are printed.
 
@@ -22,7 +22,6 @@ be made. Bounded: pytest is killed after --time-limit seconds.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -30,11 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from partywall_props import bench
-
+from partywall.benchreport import BenchReport, format_summary, merge_reports
 from partywall.errors import HarnessError
 from partywall.reports import write_html, write_junit
-from partywall.stats import merge_bench_reports
 from partywall.target import EmbeddedTarget
 
 
@@ -77,25 +74,24 @@ def main() -> int:
         print(f"bench-1000: expected {ns.workers} shard reports, found {len(shards)} (pytest exit "
               f"{proc.returncode}); the run could not be made", file=sys.stderr)
         return 2
-    reports = [json.loads(path.read_text(encoding="utf-8")) for path in shards]
     try:
-        merged = merge_bench_reports(reports)
+        merged = merge_reports([BenchReport.read(str(path)) for path in shards], names=[str(p) for p in shards])
     except HarnessError as exc:
         print(f"bench-1000: {exc}", file=sys.stderr)
         return 2
-    merged["wall_s"] = round(wall, 3)
+    merged.extra["wall_s"] = round(wall, 3)
     if died:
-        merged["error"] = f"the server died during the run: {died}"
-        merged["ok"] = False
-    (out / "bench-1000.json").write_text(json.dumps(merged, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        merged.error = f"the server died during the run: {died}"
+        merged.ok = False
+    merged.write(str(out / "bench-1000.json"))
     write_html(merged, out / "bench-1000.html")
     write_junit(merged, out / "bench-1000.xml")
-    print(bench.format_summary(merged))
+    print(format_summary(merged))
     print(f"{ns.workers} load generators, whole sharded run (pytest start-up included) {wall:.1f} s; "
           f"reports in {out}")
-    if merged.get("error"):
+    if merged.error:
         return 2
-    return 0 if merged["ok"] else 1
+    return 0 if merged.ok else 1
 
 
 if __name__ == "__main__":

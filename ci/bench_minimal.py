@@ -17,8 +17,13 @@ registry and no resource sampling: what any load generator would do.
 It prints per tool: the wall time of the whole command (interpreter, pytest
 and plugin start-up included), the workload phase alone, the client's CPU
 seconds (from the kernel's accounting of the child, not sampled), and
-connect / agent start-up / reply percentiles. Bounded: each child has a
---time-limit (default 300 s).
+connect / agent start-up / reply percentiles; then partywall's added agent
+start-up (p50 and p95 of the differences, round by round, against the targets
+of 2 ms and 5 ms), its own `measurement_overhead_ms`, and a warning when its
+process was CPU-saturated during the workload (mean over the resource samples
+of the report's `client` section over 90 % of one core: a saturated load
+generator measures its own queue, and its latencies are not the server's).
+Bounded: each child has a --time-limit (default 300 s).
 
 ``python ci/bench_minimal.py client --url URL --secret S --json PATH`` is the
 minimal client alone.
@@ -48,6 +53,10 @@ from partywall import tokens
 from partywall.stats import summarize
 from partywall.target import EmbeddedTarget
 
+#: partywall's added agent start-up that the comparison aims at (ms, p50 and p95).
+TARGET_ADDED_MS = {"p50": 2.0, "p95": 5.0}
+#: Client CPU (mean percent of one core over the workload) past which its latencies are suspect.
+SATURATED_CPU_PERCENT = 90.0
 MAX_FRAME = 16 * 1024 * 1024 + 4096
 
 
@@ -166,22 +175,31 @@ def _child(cmd: list[str], time_limit: float) -> tuple[float, float, int]:
 
 
 def _one(kind: str, ns: argparse.Namespace, work: Path) -> dict[str, Any]:
-    with EmbeddedTarget(work / f"{kind}-db") as target:  # started on entry, stopped and deleted on exit
+    # Zero server delay by default, so what is left is the clients' own time (--server-args to change it).
+    with EmbeddedTarget(work / f"{kind}-db", ns.server_args.split()) as target:  # stopped and deleted on exit
         assert target.url is not None
         out = work / f"{kind}.json"
         if kind == "minimal":
-            cmd = [sys.executable, __file__, "client", "--url", target.url, "--secret", target.secret,
+            cmd = [sys.executable, __file__, "client", "--url", target.url, f"--secret={target.secret}",
                    "--json", str(out), "--users", str(ns.users), "--seed", str(ns.seed)]
         else:
             cmd = [sys.executable, "-m", "partywall.cli", "bench", "--server-url", target.url,
-                   "--auth-secret", target.secret, "--server-pid", str(target.server_pid()),
+                   f"--auth-secret={target.secret}", "--server-pid", str(target.server_pid()),
                    "--users", str(ns.users), "--seed", str(ns.seed), "--report", str(out)]
         wall, cpu, code = _child(cmd, ns.time_limit)
+    if not out.exists():
+        raise SystemExit(f"bench_minimal: the {kind} client wrote no report (exit {code}); its output is above.")
     report = json.loads(out.read_text())
     lat = report["latency_ms"]
-    return {"tool": kind, "exit": code, "wall_s": wall, "workload_s": report["duration_s"], "cpu_s": cpu,
-            "fingerprint": report["plan_fingerprint"],
-            **{f"{m}_{p}": lat[m][p] for m in ("connect", "agent_startup", "response") for p in ("p50", "p95")}}
+    row = {"tool": kind, "exit": code, "wall_s": wall, "workload_s": report["duration_s"], "cpu_s": cpu,
+           "fingerprint": report["plan_fingerprint"],
+           **{f"{m}_{p}": lat[m][p] for m in ("connect", "agent_startup", "response") for p in ("p50", "p95")}}
+    if kind == "partywall":
+        overhead = report.get("measurement_overhead_ms") or {}
+        client = report.get("client") or {}
+        row.update(overhead_p50=overhead.get("p50"), overhead_p95=overhead.get("p95"),
+                   client_cpu_mean=client.get("cpu_percent_mean"), client_cpu_peak=client.get("cpu_percent_peak"))
+    return row
 
 
 def cmd_compare(ns: argparse.Namespace) -> int:
@@ -209,8 +227,27 @@ def cmd_compare(ns: argparse.Namespace) -> int:
         a, b = med["minimal"][k], med["partywall"][k]
         label = labels.get(k, k.replace("_p", " p") + " (ms)")
         print(f"{label:<22}{a:>12.2f}{b:>12.2f}{b - a:>+12.2f}")
+    # The added start-up, round by round (each round's two tools ran back to back on identical servers).
+    by_round = {(r["round"], r["tool"]): r for r in rows}
+    added = {p: [by_round[(i, "partywall")][f"agent_startup_{p}"] - by_round[(i, "minimal")][f"agent_startup_{p}"]
+                 for i in range(ns.rounds)] for p in ("p50", "p95")}
+    added_med = {p: statistics.median(v) for p, v in added.items()}
+    print(f"\npartywall's added agent start-up, median of the rounds: p50 {added_med['p50']:+.2f} ms "
+          f"(target {TARGET_ADDED_MS['p50']:g}), p95 {added_med['p95']:+.2f} ms (target {TARGET_ADDED_MS['p95']:g}); "
+          f"rounds p50 {', '.join(f'{x:+.1f}' for x in added['p50'])}, p95 {', '.join(f'{x:+.1f}' for x in added['p95'])}")
+    pw = [r for r in rows if r["tool"] == "partywall"]
+    if all(r.get("overhead_p50") is not None for r in pw):
+        print(f"partywall's measurement_overhead_ms (client start-up less the server's own): p50 "
+              f"{statistics.median(r['overhead_p50'] for r in pw):.2f}, "
+              f"p95 {statistics.median(r['overhead_p95'] for r in pw):.2f}")
+    saturated = [r for r in pw if (r.get("client_cpu_mean") or 0.0) > SATURATED_CPU_PERCENT]
+    for r in saturated:
+        print(f"warning: round {r['round'] + 1}: partywall's own process used {r['client_cpu_mean']:.0f} % of a core "
+              f"on average during the workload (over {SATURATED_CPU_PERCENT:g} %): its latencies include its own queue")
     if ns.json:
-        Path(ns.json).write_text(json.dumps({"users": ns.users, "seed": ns.seed, "rounds": rows, "median": med},
+        Path(ns.json).write_text(json.dumps({"users": ns.users, "seed": ns.seed, "rounds": rows, "median": med,
+                                             "added_agent_startup_ms": added_med,
+                                             "client_saturated_rounds": [r["round"] for r in saturated]},
                                             indent=2) + "\n")
     return 0 if all(r["exit"] == 0 for r in rows) else 1
 
@@ -226,6 +263,8 @@ def main() -> int:
         q.add_argument("--users", type=int, default=100)
         q.add_argument("--seed", type=int, default=100)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--server-args", default="--startup-ms 0:0 --chunks 4 --chunk-delay-ms 0:0",
+                   help="the reference servers' options (default: no agent delay)")
     p.add_argument("--time-limit", type=float, default=300.0, help="seconds each child may take")
     p.add_argument("--json", help="write the rounds and medians here")
     ns = p.parse_args()

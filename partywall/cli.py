@@ -35,6 +35,9 @@ an error of partywall or of an adapter); the JSON report says why.
 """
 
 PROPERTIES = "partywall_props"
+#: The entry-point group the bench's workload registers in (pyproject.toml): ``partywall bench``
+#: calls it with the settings, without pytest, and without importing the properties by name.
+BENCH_ENTRY_POINTS = "partywall.bench"
 
 
 def _add_options(p: argparse.ArgumentParser, command: str) -> None:
@@ -61,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="the fixed-seed 100-user agent start-up benchmark",
                            description="Run the seeded plan of users at once and gate on its thresholds.")
     _add_options(bench, "bench")
+
+    merge = sub.add_parser("merge", help="merge the shard reports of one bench run and gate on the whole",
+                           description="Merge bench reports of the shards of one run (--shard K/N, made by any "
+                                       "launcher) into one report: percentiles from the merged histograms, "
+                                       "thresholds judged on the merged figures. Exit 0 when the merged gate "
+                                       "holds, 1 when it fails, 2 when the reports are not one whole run.")
+    merge.add_argument("reports", nargs="+", metavar="REPORT", help="a shard's JSON report (partywall bench --report)")
+    _add_options(merge, "merge")
 
     rp = sub.add_parser("replay", help="re-run a failure file step by step")
     rp.add_argument("file", help="a replay file written by a failing run")
@@ -182,10 +193,77 @@ def cmd_run(ns: argparse.Namespace) -> int:
     return _run_pytest("run", list(ns.pytest_args), given, ns.verbose)
 
 
+def _bench_entry_point() -> Any:
+    """The workload's ``main(settings) -> exit code`` registered under `BENCH_ENTRY_POINTS`, or None."""
+    from importlib.metadata import entry_points
+
+    found = sorted(entry_points(group=BENCH_ENTRY_POINTS), key=lambda ep: ep.name != "default")
+    return found[0] if found else None
+
+
 def cmd_bench(ns: argparse.Namespace) -> int:
     given = _given(ns)
-    _precheck(given)
-    return _run_pytest("bench", ["--hypothesis-profile=bench"], given, ns.verbose)
+    found = configmod.resolve(given)
+    if found.get("workers") is not None or found.get("dask"):  # shards in processes here or on a Dask cluster
+        from partywall.launch import run_sharded
+
+        return run_sharded(_precheck(given), verbose=ns.verbose)
+    if found.get("pushgateway"):  # a --pushgateway that is not http(s): refused now, before any server starts
+        from partywall.openmetrics import check_url
+
+        check_url(found.get("pushgateway"))
+    entry = _bench_entry_point()
+    if entry is None:  # an installation without the entry point: the bench runs under pytest
+        _precheck(given)
+        return _run_pytest("bench", ["--hypothesis-profile=bench"], given, ns.verbose)
+    try:
+        main = entry.load()
+    except Exception as exc:  # a broken installation: say which entry point, not a traceback
+        raise HarnessError(f"the bench entry point {entry.value!r} ({BENCH_ENTRY_POINTS}) cannot be loaded: "
+                           f"{type(exc).__name__}: {exc}; reinstall partywall.") from None
+    return int(main(found))
+
+
+def cmd_merge(ns: argparse.Namespace) -> int:
+    from partywall.benchreport import BenchReport, format_summary, merge_reports, verdict
+
+    found = configmod.resolve(_given(ns))
+    out = {name: found.get(name) for name in ("report", "junit", "html")}
+
+    def write(report: BenchReport) -> list[str]:
+        written = []
+        if out["report"]:
+            report.write(out["report"])
+            written.append(out["report"])
+        if out["junit"] or out["html"]:
+            from partywall.reports import write_html, write_junit
+
+            if out["junit"]:
+                write_junit(report, out["junit"])
+                written.append(out["junit"])
+            if out["html"]:
+                write_html(report, out["html"])
+                written.append(out["html"])
+        return written
+
+    try:
+        reports = [BenchReport.read(path) for path in ns.reports]
+        for path, r in zip(ns.reports, reports, strict=True):
+            if r.partywall_version != __version__:
+                raise HarnessError(f"{path}: it was written by partywall {r.partywall_version}, this is partywall "
+                                   f"{__version__}; merge reports with the version that wrote them.")
+        merged = merge_reports(reports, names=ns.reports)
+    except HarnessError as exc:
+        write(BenchReport.of_error(str(exc)))
+        print(f"partywall merge: {exc}", file=sys.stderr)
+        return 2
+    written = write(merged)
+    print(format_summary(merged, "merge"))
+    for path in written:
+        print(f"wrote {path}")
+    status, line = verdict(merged, "merge")
+    print(line, file=sys.stderr if status == 2 else sys.stdout)
+    return status
 
 
 def cmd_replay(ns: argparse.Namespace) -> int:
@@ -253,7 +331,7 @@ def cmd_token(ns: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "bench": cmd_bench, "replay": cmd_replay, "config": cmd_config, "doctor": cmd_doctor,
+COMMANDS = {"run": cmd_run, "bench": cmd_bench, "merge": cmd_merge, "replay": cmd_replay, "config": cmd_config, "doctor": cmd_doctor,
             "token": cmd_token}
 
 

@@ -140,16 +140,27 @@ OPTIONS: tuple[Option, ...] = (
            "system's trust store", _TARGET, metavar="PATH"),
     Option("insecure", "wss://: do not verify the server's certificate (the report records it)",
            _TARGET, kind="flag"),
-    Option("report", "write the JSON report here", ("run", "bench", "replay"), metavar="PATH"),
+    Option("report", "write the JSON report here", ("run", "bench", "replay", "merge"), metavar="PATH"),
     Option("replay_dir", "where failure replay files go", ("run", "config"), key="replay_dir",
            metavar="DIR"),
     Option("users", "bench: number of users", ("bench", "config"), kind="int", key="bench.users",
            metavar="N"),
     Option("server_pid", "bench: pid of a --server-url server, for its CPU and memory", ("bench",),
            kind="int", metavar="PID"),
-    Option("junit", "bench: write JUnit XML here", ("bench",), metavar="PATH"),
-    Option("html", "bench: write the HTML report here", ("bench",), metavar="PATH"),
+    Option("junit", "bench: write JUnit XML here", ("bench", "merge"), metavar="PATH"),
+    Option("html", "bench: write the HTML report here", ("bench", "merge"), metavar="PATH"),
     Option("shard", "bench: run shard K of N of the plan's users", ("bench",), metavar="K/N"),
+    Option("openmetrics", "bench: write the figures as OpenMetrics text (Prometheus's format) here",
+           ("bench",), metavar="PATH"),
+    Option("pushgateway", "bench: push the figures to the Prometheus Pushgateway at this http(s) URL "
+           "(job and time-out: bench.pushgateway_job, bench.pushgateway_timeout_s)", ("bench",), metavar="URL"),
+    Option("workers", "bench: run the plan as N shards in N processes here, started at one instant, and merge "
+           "them into one report (with --dask: N shards on the cluster)", ("bench",), kind="int", metavar="N"),
+    Option("dask", "bench: run one shard per worker of the Dask cluster whose scheduler is at ADDRESS "
+           "(tcp://HOST:PORT; needs partywall[dask]) and merge them into one report", ("bench",),
+           metavar="ADDRESS"),
+    Option("start_gate", "bench, set by --workers and --dask for their shards: say ready on stdout and start "
+           "on a line 'go' on stdin", ("bench",), metavar="stdio"),
 )
 OPTION = {o.name: o for o in OPTIONS}
 
@@ -330,6 +341,14 @@ class Settings:
         return rows
 
 
+def _is_given(value: Any) -> bool:
+    """Whether a command-line value was given: None, an unset flag (False) and an empty list were not.
+
+    By identity, not equality: ``0 == False``, and ``--seed 0`` is a value.
+    """
+    return not (value is None or value is False or (isinstance(value, list) and not value))
+
+
 def resolve(given: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None,
             cwd: Path | None = None) -> Settings:
     """The settings in force, from the packaged defaults, a project file, the environment and ``given``.
@@ -338,7 +357,7 @@ def resolve(given: Mapping[str, Any] | None = None, environ: Mapping[str, str] |
     when the option was not given). HarnessError names the key, what was
     expected and where the bad value came from.
     """
-    given = {k: v for k, v in (given or {}).items() if v not in (None, [], False)}
+    given = {k: v for k, v in (given or {}).items() if _is_given(v)}
     environ = os.environ if environ is None else environ
     unknown = set(given) - set(OPTION)
     if unknown:
@@ -421,6 +440,6 @@ def from_namespace(values: Mapping[str, Any], names: Sequence[str] = tuple(OPTIO
     out = {}
     for name in names:
         value = values.get(OPTION[name].pytest_dest if pytest else name)
-        if value not in (None, [], False):
+        if _is_given(value):
             out[name] = value
     return out

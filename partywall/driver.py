@@ -7,8 +7,11 @@ thread and calls into a trio loop that lives in a worker thread
 WebSocket, runs the reader, and exits when told. (Entering the WebSocket in
 the task of a ``from_thread.run`` call would outlive that task and corrupt
 trio's nursery stack.) Readers drain their connection all the time, so the
-suite never measures its own back-pressure, and each frame is recorded in the
-history and shown to the observer (the checks) the moment it is read.
+suite never measures its own back-pressure. A reader takes each frame's
+arrival time the moment it comes off the socket, decodes it and wakes the
+request it completes; one task (`_checks`) then records it in the history and
+shows it to the observer (the checks), in order of arrival and in true order
+with the suite's own requests, so the checks' work never delays a frame's time.
 
 ``wss://`` URLs run the WebSocket over ``trio.SSLStream`` with the context the
 target's TLS settings give (the system trust store by default). A TLS
@@ -24,12 +27,14 @@ import ssl
 import struct
 import threading
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import attrs
 import trio
+import trio.testing
 import trio_websocket
 from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError
 
@@ -59,6 +64,8 @@ class Conn:
     via: str
     open: bool = False
     welcome: dict[str, Any] | None = None
+    welcome_t: float | None = None
+    """When the welcome came off the socket (``time.monotonic()``)."""
     close_code: int | None = None
     close_expected_t: float | None = None
     """When a frame the server must answer by closing (an oversized one) was sent."""
@@ -83,6 +90,8 @@ class Pending:
     t: float
     done: trio.Event = attrs.field(factory=trio.Event)
     frames: list[Frame] = attrs.field(factory=list)
+    times: list[tuple[str, float]] = attrs.field(factory=list)
+    """(frame type, arrival time) of each frame that answered it, as each came off the socket."""
     timed_out: bool = False
     replied: bool = False
     """Completed by its final reply or an ``error`` (not by its connection closing)."""
@@ -121,6 +130,9 @@ def _only(group: BaseExceptionGroup) -> BaseException:
 class Driver:
     """Runs connections and requests for a synchronous caller, recording everything."""
 
+    CHECKS_PER_TURN = 16
+    """Events recorded and checked per idle turn of the loop, before looking at the sockets again."""
+
     def __init__(
         self,
         url: str,
@@ -149,6 +161,10 @@ class Driver:
         self._shutdown: trio.Event | None = None
         self._ready = threading.Event()
         self._crashed: BaseException | None = None
+        self._inbox: deque[tuple[Any, ...]] = deque()
+        """What happened and is not yet recorded, in order: frames taken off their sockets with
+        their arrival times, and the suite's own requests with the times they went out."""
+        self._checks_waiter: trio.lowlevel.Task | None = None
 
     # -- the loop -----------------------------------------------------------
 
@@ -220,6 +236,7 @@ class Driver:
             self._nursery = nursery
             self._token = trio.lowlevel.current_trio_token()
             nursery.start_soon(self._watchdog)
+            nursery.start_soon(self._checks)
             self._ready.set()
             await self._shutdown.wait()
             await self._close_all(abrupt=False)
@@ -229,7 +246,13 @@ class Driver:
         """Run ``fn(*args)`` in the loop and return its result (from the caller's thread)."""
         if self._crashed is not None:
             raise HarnessError(f"the driver's trio loop has stopped: {self._crashed!r}")
-        return trio.from_thread.run(fn, *args, trio_token=self._token)
+        return trio.from_thread.run(self._then_flush, fn, args, trio_token=self._token)
+
+    async def _then_flush(self, fn: Callable[..., Awaitable[T]], args: tuple[Any, ...]) -> T:
+        try:
+            return await fn(*args)
+        finally:
+            self._flush()  # the caller reads what the checks found: every frame read so far
 
     def close(self) -> None:
         """Close every connection cleanly and stop the loop."""
@@ -254,16 +277,26 @@ class Driver:
     # -- connections ----------------------------------------------------------
 
     async def connect(self, name: str, tenant: str, user: str, token: str, via: str,
-                      token_kind: str = "valid") -> Conn | Refused:
-        """Open a connection and wait for its ``welcome``; a refused handshake is returned, not raised."""
+                      token_kind: str = "valid", *, url: str | None = None,
+                      query_token: str | None = None) -> Conn | Refused:
+        """Open a connection and wait for its ``welcome``; a refused handshake is returned, not raised.
+
+        ``url``: another URL of the service than its own (another path); ``via`` ``both`` sends
+        ``token`` as ``header`` and ``query_token`` as ``query`` at once (`Adapter.handshake_both`).
+        """
         assert self._nursery is not None
         conn = Conn(name, tenant, user, via)
         t0 = time.monotonic()
-        ev = self.history.append("invoke", "connect", t=t0, conn=name,
-                                 data={"tenant": tenant, "user": user, "via": via, "token_kind": token_kind})
-        self._observe(ev, None)
-        url, headers = self.adapter.handshake(self.url, token, via)
-        hello = self.adapter.auth_message(token, via)
+        data = {"tenant": tenant, "user": user, "via": via, "token_kind": token_kind}
+        if url is not None:
+            data["url"] = url
+        self._later("invoke", "connect", t0, conn=name, data=data)
+        if via == "both":
+            url, headers = self.adapter.handshake_both(url or self.url, token, query_token or "")
+            hello = None
+        else:
+            url, headers = self.adapter.handshake(url or self.url, token, via)
+            hello = self.adapter.auth_message(token, via)
         try:
             try:
                 with trio.fail_after(self.connect_timeout_s):
@@ -291,9 +324,9 @@ class Driver:
         return conn
 
     def _outcome(self, kind: str, op: str, conn: Conn, *, t0: float, **data: Any) -> None:
-        data["latency_ms"] = (time.monotonic() - t0) * 1000.0
-        ev = self.history.append(kind, op, conn=conn.name, data=data)
-        self._observe(ev, None)
+        t = time.monotonic()
+        data["latency_ms"] = (t - t0) * 1000.0
+        self._later(kind, op, t, conn=conn.name, data=data)
 
     async def _own(self, conn: Conn, url: str, headers: list[tuple[str, str]], hello: str | bytes | None,
                    task_status: Any) -> None:
@@ -326,7 +359,9 @@ class Driver:
                 if hello is not None:
                     await ws.send_message(hello)  # a service that authenticates in the first message
                 first = await ws.get_message()
-                frame = self._record_frame(conn, first)
+                t = time.monotonic()
+                frame = self._arrive(conn, first, t)
+                conn.welcome_t = t
                 if frame.type != "welcome":
                     raise _NotLetIn(frame)
                 conn.welcome = frame.data
@@ -351,8 +386,13 @@ class Driver:
         try:
             while True:
                 message = await ws.get_message()
-                self._record_frame(conn, message)
+                # Its arrival time, taken before anything of the suite's touches it. Then it is
+                # decoded (to wake the request it completes); the history, the model and the
+                # checks take it later, in order of arrival (`_checks`).
+                t = time.monotonic()
+                self._arrive(conn, message, t)
         except ConnectionClosed as exc:
+            self._flush()  # every frame before the close is recorded before it
             code = exc.reason.code if exc.reason is not None else None
             conn.close_code = code
             if conn.stop.is_set():  # the suite is closing it (a disconnect step, the end of an example)
@@ -361,29 +401,88 @@ class Driver:
                 self._mark_closed(conn, f"closed by the server (code {code})", code=code)
             conn.stop.set()
 
-    def _record_frame(self, conn: Conn, message: str | bytes) -> Frame:
-        t = time.monotonic()
+    def _wake_checks(self) -> None:
+        waiter = self._checks_waiter
+        if waiter is not None:
+            self._checks_waiter = None
+            trio.lowlevel.reschedule(waiter)
+
+    async def _checks(self) -> None:
+        """Record and check the frames the readers took off their sockets, oldest first, in the
+        loop's idle time: only once every reader and sender is waiting on its socket (trio's
+        `wait_all_tasks_blocked`), so a frame that arrives, or a request due to go out, never
+        waits behind the checks. A caller of the driver still sees every check done: each call
+        ends with `_flush`."""
+        inbox = self._inbox
+        while True:
+            if not inbox:
+                self._checks_waiter = trio.lowlevel.current_task()
+                await trio.lowlevel.wait_task_rescheduled(self._abort_checks_wait)
+                continue
+            await trio.testing.wait_all_tasks_blocked()
+            for _ in range(min(len(inbox), self.CHECKS_PER_TURN)):
+                self._record(inbox.popleft())
+
+    def _abort_checks_wait(self, _: Any) -> trio.lowlevel.Abort:
+        self._checks_waiter = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    def _flush(self) -> None:
+        """Record every frame that has arrived and is not yet recorded, before an event of the
+        suite's own (a request, a close, a note), so the history keeps the order things happened in."""
+        inbox = self._inbox
+        while inbox:
+            self._record(inbox.popleft())
+
+    def _later(self, kind: str, op: str, t: float, **fields: Any) -> None:
+        """An event of the suite's own on a hot path (a request going out, a connection opening):
+        queued behind the frames that came before it, recorded and checked in that order."""
+        self._inbox.append(("event", kind, op, t, self.history.step, fields))
+        self._wake_checks()
+
+    def _arrive(self, conn: Conn, message: str | bytes, t: float) -> Frame:
+        """A frame just taken off the socket at ``t``: decoded, and the request it completes woken,
+        at once; recorded in the history and shown to the checks in order, by `_checks`."""
         frame = self.adapter.decode(message)
-        ev = self.history.append("frame", frame.type or "?", t=t, conn=conn.name, req_id=frame.re, data=frame.data, raw=frame.raw)
-        self._observe(ev, frame)
+        done = None
         pending = self.pending.get(frame.re) if frame.re is not None else None
         if pending is not None and pending.conn == conn.name and not pending.done.is_set():
             pending.frames.append(frame)
+            pending.times.append((frame.type or "?", t))
             if self.adapter.completes(pending.type, frame):
-                kind = "fail" if frame.type == "error" else "ok"
-                done = self.history.append(
-                    kind, pending.type, conn=conn.name, req_id=pending.req_id,
-                    data={"latency_ms": (t - pending.t) * 1000.0, "frames": len(pending.frames)},
-                )
-                self._observe(done, frame)
+                done = pending
                 pending.replied = True
                 pending.done.set()
                 del self.pending[pending.req_id]
+        self._inbox.append(("frame", conn, frame, t, self.history.step, done))
+        self._wake_checks()
         return frame
+
+    def _record(self, item: tuple[Any, ...]) -> None:
+        if item[0] == "frame":
+            self._record_frame(*item[1:])
+        else:
+            _, kind, op, t, step, fields = item
+            self._observe(self.history.append(kind, op, t=t, step=step, **fields), None)
+
+    def _record_frame(self, conn: Conn, frame: Frame, t: float, step: int | None, pending: Pending | None) -> None:
+        """Record a frame that arrived at ``t`` (during ``step``) and show it to the checks, then
+        the outcome of the request it completed (``pending``), if any."""
+        ev = self.history.append("frame", frame.type or "?", t=t, step=step, conn=conn.name, req_id=frame.re,
+                                 data=frame.data, raw=frame.raw)
+        self._observe(ev, frame)
+        if pending is not None:
+            kind = "fail" if frame.type == "error" else "ok"
+            done = self.history.append(
+                kind, pending.type, t=t, step=step, conn=conn.name, req_id=pending.req_id,
+                data={"latency_ms": (t - pending.t) * 1000.0, "frames": len(pending.frames)},
+            )
+            self._observe(done, frame)
 
     def _mark_closed(self, conn: Conn, reason: str, code: int | None = None) -> None:
         if not conn.open and conn.done.is_set():
             return
+        self._flush()
         was_open = conn.open
         conn.open = False
         if was_open:
@@ -408,6 +507,7 @@ class Driver:
         conn = self.conns[name]
         if not conn.open:
             return
+        self._flush()
         self._observe(self.history.append("invoke", "drop" if abrupt else "close", conn=name), None)
         conn.abrupt = abrupt
         conn.stop.set()
@@ -432,6 +532,7 @@ class Driver:
 
     async def note(self, op: str, conn: str | None, data: dict[str, Any]) -> None:
         """Record a fact of the run (a probe pairing, a crash, a restart) for the checks."""
+        self._flush()
         ev = self.history.append("info", op, conn=conn, data=data)
         self._observe(ev, None)
 
@@ -446,13 +547,14 @@ class Driver:
         """Send a request without waiting for its reply; None when the connection is closed."""
         conn = self.conns[name]
         t0 = time.monotonic() if t is None else t
-        ev = self.history.append("invoke", req_type, t=t0, conn=name, req_id=req_id, data=fields)
         if not conn.open or conn.ws is None:
+            self._flush()
+            self.history.append("invoke", req_type, t=t0, conn=name, req_id=req_id, data=fields)
             self.history.append("fail", req_type, conn=name, req_id=req_id, data={"reason": "connection closed before sending"})
             return None
         pending = Pending(req_id, name, req_type, t0)
         self.pending[req_id] = pending
-        self._observe(ev, None)
+        self._later("invoke", req_type, t0, conn=name, req_id=req_id, data=fields)
         try:
             await conn.ws.send_message(self.adapter.encode(req_type, req_id, fields))
         except ConnectionClosed:
@@ -465,6 +567,7 @@ class Driver:
         must answer it, so it is tracked like a request; otherwise the error
         comes without ``re`` and the checks expect exactly that."""
         conn = self.conns[name]
+        self._flush()
         ev = self.history.append("invoke", "raw", conn=name, req_id=req_id,
                                  data={"note": note, "size": len(message), "readable": readable, "expect": expect})
         if not conn.open or conn.ws is None:
@@ -511,6 +614,7 @@ class Driver:
         """Flag requests on open connections that outlive the reply limit (once each)."""
         while True:
             await trio.sleep(0.1)
+            self._flush()
             now = time.monotonic()
             for conn in list(self.conns.values()):
                 expected = conn.close_expected_t

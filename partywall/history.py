@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator, Mapping
+from types import EllipsisType
 from typing import Any
 
 import attrs
@@ -72,14 +73,16 @@ class History:
         self._lock = threading.Lock()
         self.step: int | None = None
 
-    def append(self, kind: str, op: str, *, t: float | None = None, **fields: Any) -> Event:
+    def append(self, kind: str, op: str, *, t: float | None = None, step: int | None | EllipsisType = ...,
+               **fields: Any) -> Event:
+        """Add an event; ``step`` is the machine's step when it happened (the current one unless given)."""
         with self._lock:
             ev = Event(
                 seq=len(self._events),
                 t=time.monotonic() if t is None else t,
                 kind=kind,
                 op=op,
-                step=self.step,
+                step=self.step if step is ... else step,
                 **fields,
             )
             self._events.append(ev)

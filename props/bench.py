@@ -1,37 +1,27 @@
-"""The fixed-seed benchmark: a seeded plan of users, and the workload that runs it.
+"""The bench's workload: the users of a seeded plan, all at once, against the session's target.
 
-The seed suite's "100 user test" drew nothing from a seed, so two runs never
-did the same thing and could not be compared. Here a `Plan` is a pure
-function of ``(seed, users, tenants, messages_per_user)``: which tenant each
-user belongs to, its user id (tenants share ids: every tenant has an
-``alice``), the assistant it starts, whether its token goes in the header or
-the query, and the text of each message (non-ASCII included). Its
-`Plan.fingerprint` is the SHA-256 of its canonical JSON, so two reports with
-one fingerprint ran the same plan. What is particular to one run (the tenant
-prefix that keeps runs apart on a shared server, the markers, request ids)
-is not part of the plan.
-
-`run_bench` runs the plan's users (or one shard of them) through the suite's
-own `Driver`, with every event going through the same invariants as the
-state machine (`partywall_props.invariants`): a leak, a lost message or a misrouted
-reply fails the benchmark just as a slow start-up does. Each user, all at
-once from one intended instant: connect, start an agent, send its messages
-(each carrying a marker; waiting for the whole reply each time), read its
-history, disconnect, reconnect, read it again. Every latency is measured
-from when its request was meant to go out; failures and time-outs are
-counted beside the percentiles; the server's process is sampled by pid.
+`run_bench` runs the plan's users (`partywall_props.plan`, or one shard of
+them) through the suite's own `Driver`, with every event going through the
+same invariants as the state machine (`partywall_props.invariants`): a
+leak, a lost message or a misrouted reply fails the benchmark just as a
+slow start-up does. Each user, all at once from one intended instant:
+connect, start an agent, send its messages (each carrying a marker; waiting
+for the whole reply each time), read its history, disconnect, reconnect,
+read it again. Every latency is measured from when its request was meant
+to go out; failures and time-outs are counted beside the percentiles; the
+server's process is sampled by pid. The result is a
+`partywall.benchreport.BenchReport`, judged against the thresholds by the
+harness's one set of rules (`partywall.thresholds`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
-import random
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TextIO
 
@@ -39,19 +29,20 @@ import attrs
 import trio
 from partywall_props.invariants import INVARIANTS
 from partywall_props.model import Model
+from partywall_props.plan import PLAN_VERSION, TENANT_NAMES, USER_NAMES, Plan, PlannedUser, nth_name
 
-from partywall import __version__
+from partywall import thresholds as thresholdsmod
 from partywall.adapter import Frame
+from partywall.benchreport import BenchReport, LatencySummary, Resources, ShardInfo, ViolationEntry
 from partywall.checks import Checker
-from partywall.driver import Driver, Refused
+from partywall.driver import Conn, Driver, Refused
 from partywall.errors import HarnessError, Violation
 from partywall.history import Event
 from partywall.resources import ResourceSampler
 from partywall.session import Session
-from partywall.stats import min_samples_for, summarize
 
-#: Bumped whenever plan generation changes, so an old fingerprint can never match a new plan.
-PLAN_VERSION = 1
+__all__ = ["METRICS", "SERVER_STARTUP", "BenchRun", "FrameClock", "Plan", "PlannedUser", "Progress", "UserRun",
+           "error_report", "run_bench", "run_prefix"]
 
 #: The client-side latencies of the report, in the order people read them.
 METRICS = ("connect", "agent_startup", "first_chunk", "response", "history", "reconnect")
@@ -63,255 +54,28 @@ SAMPLE_INTERVAL_S = 0.05
 #: The server's own account of agent start-up (``startup_ms``), reported beside the client's.
 SERVER_STARTUP = "server_startup"
 
-# Tenants and users share names across tenants on purpose: PROTOCOL.md says
-# `alice` of one tenant and `alice` of another are two people, and a server
-# that keys anything by user id alone shows it here. Some are non-ASCII,
-# because ids are code points compared byte for byte.
-TENANT_NAMES = ("acme", "globex", "initech", "umbrella", "hooli", "Ünïcorp", "東京商事", "stark", "wayne", "Ωmega",
-                "vandelay", "soylent")
-USER_NAMES = ("alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan", "judy", "mallory",
-              "niaj", "olivia", "peggy", "rupert", "sybil", "trent", "victor", "walter", "zoë", "José", "李雷",
-              "Жанна", "Ærin")
-ASSISTANTS = ("helper", "support", "analyst", "writer", "planner", "coder", "Résumé-bot", "助手")
-_WORDS_ASCII = ("the", "agent", "please", "summarise", "report", "quarterly", "numbers", "for", "our", "team",
-                "and", "check", "invoice", "shipping", "status", "today", "draft", "reply", "customer", "budget")
-_WORDS_OTHER = ("naïve", "Grüße", "日本語", "привет", "Ελλάδα", "مرحبا", "façade", "straße", "한국어", "🚀",
-                "café", "ångström", "€100", "שלום")
-
-
-def _nth_name(names: Sequence[str], k: int) -> str:
-    """The k-th name of a list, with a numeric suffix once the list runs out (alice, ..., alice2)."""
-    base = names[k % len(names)]
-    return base if k < len(names) else f"{base}{k // len(names) + 1}"
-
-
-def _body(rng: random.Random) -> str:
-    words = [rng.choice(_WORDS_ASCII + _WORDS_OTHER) for _ in range(rng.randint(3, 12))]
-    # At least one non-ASCII word in every message: UTF-8 must survive the round trip every time.
-    words[rng.randrange(len(words))] = rng.choice(_WORDS_OTHER)
-    return " ".join(words)
-
-
-@attrs.frozen
-class PlannedUser:
-    """One user of the plan and everything it will do."""
-
-    index: int = attrs.field(validator=attrs.validators.instance_of(int))
-    """Position in the plan, from 0; shard k of n runs the users with index % n == k."""
-    tenant: str = attrs.field(validator=attrs.validators.instance_of(str))
-    """The tenant's name in the plan; a run prefixes it so that runs never share tenants."""
-    user: str = attrs.field(validator=attrs.validators.instance_of(str))
-    """The user id inside its tenant (every tenant has an alice)."""
-    assistant: str = attrs.field(validator=attrs.validators.instance_of(str))
-    """The assistant name it starts an agent of (names repeat across tenants)."""
-    via: str = attrs.field(validator=attrs.validators.in_(("header", "query")))
-    """Where its token goes: the Authorization header or the ``token`` query parameter."""
-    messages: tuple[str, ...] = attrs.field(converter=lambda v: tuple(str(x) for x in v))
-    """The text of each message; the run puts a fresh marker in front of each."""
-
-    def to_json(self) -> dict[str, Any]:
-        return {"index": self.index, "tenant": self.tenant, "user": self.user, "assistant": self.assistant,
-                "via": self.via, "messages": list(self.messages)}
-
-
-@attrs.frozen
-class Plan:
-    """The whole seeded workload; build it with `Plan.generate`."""
-
-    seed: int
-    """The seed every choice is drawn from."""
-    users: int
-    """How many users the plan has (all shards together)."""
-    tenants: int
-    """How many tenants the users are spread over."""
-    messages_per_user: int
-    """Messages each user sends (each waits for the previous reply)."""
-    members: tuple[PlannedUser, ...] = attrs.field(repr=False)
-    """The users, by index."""
-
-    @classmethod
-    def generate(cls, seed: int, users: int, tenants: int, messages_per_user: int) -> Plan:
-        """The plan of a seed: the same arguments give the same plan in any process, on any machine."""
-        for name, value, least in (("users", users, 1), ("tenants", tenants, 1),
-                                   ("messages_per_user", messages_per_user, 1)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < least:
-                raise HarnessError(f"the bench plan needs {name} to be an integer >= {least} (got {value!r}).")
-        # A string seed goes through SHA-512 in random.seed, never through the
-        # per-process salted hash() that made the seed suite irreproducible.
-        rng = random.Random(f"partywall-bench-plan/{PLAN_VERSION}/{seed}")
-        # Spread users over tenants evenly but not by index order: deal a
-        # shuffled deck, so a shard (index % n) still sees every tenant.
-        order = list(range(users))
-        rng.shuffle(order)
-        tenant_of = {user: pos % tenants for pos, user in enumerate(order)}
-        taken: dict[int, int] = {}
-        members = []
-        for i in range(users):
-            t = tenant_of[i]
-            k = taken.get(t, 0)
-            taken[t] = k + 1
-            members.append(PlannedUser(
-                index=i,
-                tenant=_nth_name(TENANT_NAMES, t),
-                user=_nth_name(USER_NAMES, k),
-                assistant=rng.choice(ASSISTANTS),
-                via=rng.choice(("header", "query")),
-                messages=tuple(_body(rng) for _ in range(messages_per_user)),
-            ))
-        return cls(seed, users, tenants, messages_per_user, tuple(members))
-
-    @classmethod
-    def from_config(cls, bench: Mapping[str, Any], *, seed: int | None = None, users: int | None = None) -> Plan:
-        """The plan ``[tool.partywall.bench]`` describes, with the command line's seed and user count."""
-        return cls.generate(
-            int(bench["seed"] if seed is None else seed),
-            int(bench["users"] if users is None else users),
-            int(bench["tenants"]),
-            int(bench["messages_per_user"]),
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        return {"version": PLAN_VERSION, "seed": self.seed, "users": self.users, "tenants": self.tenants,
-                "messages_per_user": self.messages_per_user, "members": [m.to_json() for m in self.members]}
-
-    def fingerprint(self) -> str:
-        """SHA-256 of the canonical JSON of the plan (sorted keys, no spaces, UTF-8)."""
-        text = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-        return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-    def shard(self, index: int, count: int) -> tuple[PlannedUser, ...]:
-        """The users shard ``index`` (0-based) of ``count`` runs."""
-        if not 0 <= index < count:
-            raise HarnessError(f"shard {index + 1}/{count} does not exist; K/N needs 1 <= K <= N.")
-        return tuple(m for m in self.members if m.index % count == index)
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """``"K/N"`` (1-based K, as people count) → ``(K - 1, N)``."""
-    k, sep, n = text.partition("/")
-    try:
-        index, count = int(k), int(n)
-    except ValueError:
-        index = count = 0
-    if not sep or count < 1 or not 1 <= index <= count:
-        raise HarnessError(f"--shard (--partywall-shard) expects K/N with 1 <= K <= N, e.g. 2/4 (got {text!r}).")
-    return index - 1, count
-
-
-def xdist_shard(workerinput: Mapping[str, Any] | None) -> tuple[int, int] | None:
-    """Shard of this pytest-xdist worker (gw0 of 4 → (0, 4)), or None outside xdist.
-
-    Read from the worker's own ``config.workerinput``, not from the
-    environment, which a process started by a test under xdist inherits.
-    """
-    if not workerinput:
-        return None
-    worker, count = str(workerinput.get("workerid", "")), workerinput.get("workercount")
-    if not worker.startswith("gw") or not count:
-        return None
-    return int(worker[2:]), int(count)
-
-
-# ---------------------------------------------------------------------------
-# Thresholds
-# ---------------------------------------------------------------------------
-
-_LATENCY_SUFFIXES = {"_p50_ms": "p50", "_p95_ms": "p95", "_p99_ms": "p99", "_max_ms": "max"}
-
-
-def _threshold_kind(name: str) -> tuple[str, str, str]:
-    """(source, key, direction) of a threshold name; the grammar `merge_bench_reports` re-evaluates."""
-    if name == "violations":
-        return "violations", "", "max"
-    if name == "server_peak_rss_mib":
-        return "server", "rss_mib_peak", "max"
-    if name.endswith("_success_rate"):
-        return "success_rate", name[: -len("_success_rate")], "min"
-    for suffix, key in _LATENCY_SUFFIXES.items():
-        if name.endswith(suffix):
-            return "latency", f"{name[: -len(suffix)]}.{key}", "max"
-    raise HarnessError(
-        f"unknown bench threshold {name!r} in [tool.partywall.bench.thresholds]; known forms: "
-        "<metric>_p50_ms / _p95_ms / _p99_ms / _max_ms, <metric>_success_rate, server_peak_rss_mib, violations."
-    )
-
-
-def evaluate_thresholds(limits: Mapping[str, Any], report: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """``{name: {limit, actual, ok[, n]}}``; an unmeasured figure fails (no data is not a pass)."""
-    out: dict[str, dict[str, Any]] = {}
-    for name, limit in limits.items():
-        source, key, direction = _threshold_kind(name)
-        entry: dict[str, Any] = {"limit": limit}
-        actual: Any
-        if source == "violations":
-            actual = len([v for v in report["violations"] if v.get("invariant") != "timing"])
-        elif source == "server":
-            actual = (report.get("server") or {}).get(key)
-            if actual is None:
-                entry["note"] = ("the server's process was not sampled; pass --server-pid for a server "
-                                 "the suite did not start")
-        elif source == "success_rate":
-            actual = report["success_rate"].get(key)
-        else:
-            metric, stat = key.split(".")
-            figures = report["latency_ms"].get(metric) or {}
-            actual = figures.get(stat)
-            entry["n"] = figures.get("n", 0)
-        entry["actual"] = actual
-        entry["ok"] = actual is not None and (actual <= limit if direction == "max" else actual >= limit)
-        out[name] = entry
-    return out
-
-
-def threshold_violations(thresholds: Mapping[str, Mapping[str, Any]]) -> list[Violation]:
-    """A `timing` violation, with actual and limit, for every threshold that failed."""
-    out = []
-    for name, t in thresholds.items():
-        if t["ok"] or name == "violations":
-            # A breach of `violations` is the violations themselves, listed already.
-            continue
-        actual, limit = t["actual"], t["limit"]
-        if actual is None:
-            title = f"{name}: not measured, so it cannot be shown within the limit {limit}"
-        else:
-            relation = "is below" if name.endswith("_rate") else "exceeds"
-            # Milliseconds and MiB to 0.1; a rate exactly (0.995 must not read as 1.0).
-            shown = round(actual, 1) if isinstance(actual, float) and not name.endswith("_rate") else actual
-            title = f"{name}: actual {shown} {relation} limit {limit}"
-        evidence = {"threshold": name, "actual": actual, "limit": limit}
-        if "n" in t:
-            evidence["n"] = t["n"]
-        if "note" in t:
-            evidence["note"] = t["note"]
-        out.append(Violation("timing", title, evidence, check=f"threshold_{name}"))
-    return out
-
-
-# ---------------------------------------------------------------------------
-# The run
-# ---------------------------------------------------------------------------
-
 
 class FrameClock:
-    """The driver's observer during the bench: every event goes to the checks,
-    and the arrival time of each reply frame is kept by request id, so a
-    latency ends when its frame was read, not when the waiting task resumed."""
+    """The driver's observer during the bench: every event goes to the checks. Latencies end
+    at arrival times the driver takes as each frame comes off its socket, before the
+    checks see it (a request's in ``Pending.times``, a welcome's in ``Conn.welcome_t``),
+    so neither the checks nor the waiting task's wake-up count in them."""
 
     def __init__(self, checker: Checker) -> None:
         self.checker = checker
-        self.by_req: dict[str, list[tuple[str, float]]] = {}
-        self.welcome: dict[str, float] = {}
         self.frames = 0
 
     def __call__(self, ev: Event, frame: Frame | None) -> None:
-        # Times first: a failing check must not cost the measurement.
         if ev.kind == "frame":
             self.frames += 1
-            if ev.req_id is not None:
-                self.by_req.setdefault(ev.req_id, []).append((ev.op, ev.t))
-            elif ev.op == "welcome" and ev.conn is not None:
-                self.welcome[ev.conn] = ev.t
         self.checker(ev, frame)
+
+    @staticmethod
+    def arrived(conn: Conn | None) -> float:
+        """When ``conn``'s welcome came off its socket (the driver takes it there, before the
+        checks see the frame); now, for a connection that has none."""
+        t = conn.welcome_t if conn is not None else None
+        return time.monotonic() if t is None else t
 
 
 @attrs.define(eq=False)
@@ -374,9 +138,8 @@ class BenchRun:
         bench = session.config["bench"]
         self.timeout_s = float(bench["request_timeout_s"])
         self.connect_timeout_s = float(session.config["connect_timeout_s"])
-        self.limits = dict(bench.get("thresholds", {}))
-        for name in self.limits:
-            _threshold_kind(name)  # an unknown threshold is refused before anything runs
+        # An unknown threshold or a limit that is no number is refused before anything runs.
+        self.limits = thresholdsmod.check_limits(bench.get("thresholds", {}))
         self.progress = progress
         self.sample_interval_s = sample_interval_s
         self.users = [UserRun(m, *self._identity(m, prefix)) for m in members]
@@ -414,8 +177,8 @@ class BenchRun:
         ids = self.session.identities
         if ids is None:
             return prefix + m.tenant, m.user
-        tenant_no = {_nth_name(TENANT_NAMES, t): t for t in range(self.plan.tenants)}[m.tenant]
-        user_no = {_nth_name(USER_NAMES, k): k for k in range(self.plan.users)}[m.user]
+        tenant_no = {nth_name(TENANT_NAMES, t): t for t in range(self.plan.tenants)}[m.tenant]
+        user_no = {nth_name(USER_NAMES, k): k for k in range(self.plan.users)}[m.user]
         tenant = ids.tenant_at(tenant_no).id
         return tenant, ids.user_at(tenant, user_no)
 
@@ -459,7 +222,7 @@ class BenchRun:
         with trio.move_on_after(max(0.0, t + self.timeout_s - time.monotonic())):
             await pending.done.wait()
         final = pending.final
-        times = self.clock.by_req.pop(req_id, [])
+        times = pending.times  # arrival times, taken as each frame came off the socket
         if final is None:
             why = ("the connection closed before the reply" if pending.done.is_set()
                    else f"no reply within {self.timeout_s:g} s (time-out)")
@@ -492,7 +255,7 @@ class BenchRun:
                     {"connection": name, "tenant": user.tenant, "user": user.uid, "via": p.via},
                     check="valid_token_accepted"))
             return False
-        t1 = self.clock.welcome.get(name, time.monotonic())
+        t1 = self.clock.arrived(self.driver.conns.get(name))
         self._ok(metric, (t1 - t0) * 1000.0)
         if metric == "connect":
             self._span("connect", user, t0, t1, True)
@@ -525,7 +288,7 @@ class BenchRun:
     async def _session_of(self, user: UserRun, name: str) -> None:
         p = user.planned
         # The agent is meant to start the moment the welcome is read: the user has nothing else to do.
-        t_sent = self.clock.welcome.get(name, time.monotonic())
+        t_sent = self.clock.arrived(self.driver.conns.get(name))
         user.step = "agent_startup"
         final, times, why = await self._request(name, "start_agent", {"assistant": p.assistant}, t_sent)
         t_started = next((ft for typ, ft in times if typ == "agent_started"), None)
@@ -583,7 +346,7 @@ class BenchRun:
         if not await self._connect(user, again, t_back, "reconnect"):
             return
         try:
-            t_ready = self.clock.welcome.get(again, time.monotonic())
+            t_ready = self.clock.arrived(self.driver.conns.get(again))
             await self._read_history(user, again, thread, t_ready)
         finally:
             with trio.CancelScope(shield=True):
@@ -631,8 +394,12 @@ class BenchRun:
 
     # -- driving it from the caller's thread ------------------------------------
 
-    def run(self) -> dict[str, Any]:
+    def run(self, start_gate: Callable[[], None] | None = None) -> BenchReport:
         self.credentials = self._fetch_credentials()
+        if start_gate is not None:
+            # A shard of a launched run (partywall.launch): everything is ready; every
+            # shard's clock starts when the launcher says go to all of them at once.
+            start_gate()
         driver = self.driver
         saved = (driver.observer, driver.reply_timeout_s)
         driver.observer = self.clock
@@ -675,63 +442,54 @@ class BenchRun:
 
     def _report(self, started_at: float, wall: float, server_pid: int | None, server: ResourceSampler | None,
                 server_summary: dict[str, Any] | None, client: ResourceSampler,
-                client_summary: dict[str, Any]) -> dict[str, Any]:
-        latency: dict[str, Any] = {}
-        success: dict[str, Any] = {}
+                client_summary: dict[str, Any]) -> BenchReport:
+        latency: dict[str, LatencySummary] = {}
+        success: dict[str, float | None] = {}
         for metric in METRICS:
-            entry = summarize(self.samples[metric], self.failures[metric], histogram=True)
-            attempts = entry["n"] + entry["failures"]
+            entry = LatencySummary.of(self.samples[metric], self.failures[metric])
             # Steps a user never reached because an earlier one failed: neither a
             # success nor a failure of this step, so shown apart, not hidden.
-            entry["not_attempted"] = self._expected(metric) - attempts
+            entry.not_attempted = self._expected(metric) - entry.attempts
             latency[metric] = entry
-            success[metric] = entry["n"] / attempts if attempts else None
-        latency[SERVER_STARTUP] = summarize(self.samples[SERVER_STARTUP], 0, histogram=True)
+            success[metric] = entry.n / entry.attempts if entry.attempts else None
+        latency[SERVER_STARTUP] = LatencySummary.of(self.samples[SERVER_STARTUP], 0)
         success["overall"] = sum(u.ok for u in self.users) / len(self.users) if self.users else None
         # Histograms take no negative values; client-seen start-up below the
         # server's own figure would mean a clock problem, and then the exact
         # figures are kept without one.
-        overhead = summarize(self.overhead, 0, histogram=bool(self.overhead) and min(self.overhead) >= 0)
-        overhead.pop("failures")
+        overhead = LatencySummary.of(self.overhead, None,
+                                     histogram=bool(self.overhead) and min(self.overhead) >= 0)
 
-        violations = [f.violation for f in self.checker.found]
-        report: dict[str, Any] = {
-            "ok": False,
-            "error": None,
-            "users": len(self.users),
-            "plan_users": self.plan.users,
-            "seed": self.plan.seed,
-            "plan_fingerprint": self.plan.fingerprint(),
-            "plan": {"tenants": self.plan.tenants, "messages_per_user": self.plan.messages_per_user,
-                     "version": PLAN_VERSION},
-            "profile": "bench",
-            "partywall_version": __version__,
-            "target": self.session.target.describe(),
-            "started_at": round(started_at, 3),
-            "duration_s": round(wall, 3),
-            "request_timeout_s": self.timeout_s,
-            "latency_ms": latency,
-            "success_rate": success,
-            "measurement_overhead_ms": overhead,
-            "server": server_summary,
-            "client": client_summary,
-            "thresholds": {},
-            "violations": [{**v.to_json(), "reproduced": None, "replay": None} for v in violations],
-            "failures": self.failure_log,
-            "timeline": self.timeline,
-            "samples": {"server": server.samples if server is not None else [], "client": client.samples},
-            "counts": {"history_events": len(self.session.history), "frames": self.clock.frames},
-        }
+        found = [f.violation for f in self.checker.found]
+        report = BenchReport(
+            users=len(self.users),
+            plan_users=self.plan.users,
+            seed=self.plan.seed,
+            plan_fingerprint=self.plan.fingerprint(),
+            plan={"tenants": self.plan.tenants, "messages_per_user": self.plan.messages_per_user,
+                  "version": PLAN_VERSION},
+            target=self.session.target.describe(),
+            started_at=round(started_at, 3),
+            duration_s=round(wall, 3),
+            request_timeout_s=self.timeout_s,
+            latency_ms=latency,
+            success_rate=success,
+            measurement_overhead_ms=overhead,
+            server=Resources.from_json(server_summary, "server"),
+            client=Resources.from_json(client_summary, "client"),
+            violations=[ViolationEntry.of(v) for v in found],
+            failures=self.failure_log,
+            timeline=self.timeline,
+            samples={"server": server.samples if server is not None else [], "client": client.samples},
+            counts={"history_events": len(self.session.history), "frames": self.clock.frames},
+        )
         if server is None:
-            report["server_note"] = ("the server's pid is unknown (a server on another machine, or one the "
-                                     "suite did not start and was not told the pid of): pass --server-pid")
-        thresholds = evaluate_thresholds(self.limits, report)
-        report["thresholds"] = thresholds
-        timing = threshold_violations(thresholds)
-        report["violations"] += [{**v.to_json(), "reproduced": None, "replay": None} for v in timing]
-        for v in [*violations, *timing]:
+            report.server_note = ("the server's pid is unknown (a server on another machine, or one the "
+                                  "suite did not start and was not told the pid of): pass --server-pid")
+        report.note_saturation(float(self.session.config["bench"]["client_cpu_saturated_percent"]))
+        timing = report.judge(self.limits)
+        for v in [*found, *timing]:
             self.session.report(v)
-        report["ok"] = not report["violations"] and all(t["ok"] for t in thresholds.values())
         return report
 
 
@@ -751,7 +509,7 @@ def run_prefix(session: Session) -> str:
 
 
 def run_bench(session: Session, plan: Plan, *, shard: tuple[int, int] | None = None,
-              progress: Progress | bool = True) -> dict[str, Any]:
+              progress: Progress | bool = True, start_gate: Callable[[], None] | None = None) -> BenchReport:
     """Run the plan's users (shard ``(index, count)`` of them) and return the bench report.
 
     ``progress`` True draws the status line on stderr; a `Progress` draws it
@@ -764,80 +522,14 @@ def run_bench(session: Session, plan: Plan, *, shard: tuple[int, int] | None = N
     if progress is True:
         progress = Progress(len(members))
     run = BenchRun(session, plan, members, prefix=run_prefix(session), progress=progress or None)
-    report = run.run()
+    report = run.run(start_gate)
     if shard is not None:
-        report["shard"] = {"index": shard[0], "count": shard[1]}
+        report.shard = ShardInfo(*shard)
     return report
 
 
-def error_report(plan: Plan | None, message: str, shard: tuple[int, int] | None = None) -> dict[str, Any]:
+def error_report(plan: Plan | None, message: str, shard: tuple[int, int] | None = None) -> BenchReport:
     """The report of a bench that could not be made: ``ok`` false, ``error`` says why."""
-    report: dict[str, Any] = {
-        "ok": False, "error": message, "users": 0, "seed": plan.seed if plan else None,
-        "plan_fingerprint": plan.fingerprint() if plan else None, "latency_ms": {}, "success_rate": {},
-        "server": None, "client": None, "thresholds": {}, "violations": [], "timeline": {}, "samples": {},
-    }
-    if shard is not None:
-        report["shard"] = {"index": shard[0], "count": shard[1]}
-    return report
-
-
-# ---------------------------------------------------------------------------
-# The terminal summary
-# ---------------------------------------------------------------------------
-
-
-def _ms(value: Any) -> str:
-    return "-" if value is None else f"{value:,.1f}"
-
-
-def _rate(value: Any) -> str:
-    return "-" if value is None else f"{value * 100:.1f}%"
-
-
-def format_summary(report: Mapping[str, Any]) -> str:
-    """A short table of the report for the terminal."""
-    if report.get("error"):
-        return f"partywall bench could not run: {report['error']}"
-    target = report.get("target") or {}
-    verdict = "PASSED" if report.get("ok") else "FAILED"
-    shard = report.get("shard")
-    shard_text = f", shard {shard['index'] + 1}/{shard['count']}" if shard else ""
-    lines = [
-        f"partywall bench {verdict}: {report['users']} users{shard_text}, seed {report['seed']}, "
-        f"plan {str(report['plan_fingerprint'])[:12]}, {target.get('kind')} {target.get('url')}, "
-        f"{report['duration_s']:.2f} s",
-        f"{'metric':<15}{'n':>6}{'fail':>6}{'success':>9}{'p50':>10}{'p95':>10}{'p99':>10}{'max':>10}  (ms)",
-    ]
-    success = report.get("success_rate") or {}
-    for name, e in (report.get("latency_ms") or {}).items():
-        note = ""
-        n = e.get("n") or 0
-        if 0 < n < min_samples_for(99):
-            note = "  p95=max" if n < min_samples_for(95) else "  p99=max"
-        lines.append(f"{name:<15}{n:>6}{e.get('failures', 0):>6}{_rate(success.get(name)):>9}"
-                     f"{_ms(e.get('p50')):>10}{_ms(e.get('p95')):>10}{_ms(e.get('p99')):>10}{_ms(e.get('max')):>10}{note}")
-    over = report.get("measurement_overhead_ms") or {}
-    if over.get("n"):
-        lines.append(f"measurement overhead (client start-up - server startup_ms): p50 {_ms(over.get('p50'))}, "
-                     f"p95 {_ms(over.get('p95'))}, max {_ms(over.get('max'))} ms over n = {over['n']}")
-    lines.append(f"users who completed every step: {_rate(success.get('overall'))}")
-    for who in ("server", "client"):
-        res = report.get(who)
-        if isinstance(res, Mapping) and res.get("samples"):
-            lines.append(f"{who} pid {res.get('pid')}: CPU peak {_ms(res.get('cpu_percent_peak'))} % / mean "
-                         f"{_ms(res.get('cpu_percent_mean'))} % of one core, RSS peak {_ms(res.get('rss_mib_peak'))} MiB, "
-                         f"open files peak {res.get('open_files_peak')}, threads {res.get('threads_peak')} "
-                         f"({res.get('samples')} samples)")
-        else:
-            lines.append(f"{who}: not sampled")
-    for name, t in (report.get("thresholds") or {}).items():
-        actual = t.get("actual")
-        shown = _ms(actual) if isinstance(actual, float) and not name.endswith("_rate") else actual
-        lines.append(f"threshold {name}: actual {shown}, limit {t.get('limit')}: {'ok' if t.get('ok') else 'FAILED'}")
-    violations = report.get("violations") or []
-    for v in violations[:10]:
-        lines.append(f"VIOLATION [{v.get('invariant')}] {v.get('title')}")
-    if len(violations) > 10:
-        lines.append(f"... and {len(violations) - 10} more violations; every one is in the JSON report")
-    return "\n".join(lines)
+    return BenchReport.of_error(message, seed=plan.seed if plan else None,
+                                plan_fingerprint=plan.fingerprint() if plan else None,
+                                shard=ShardInfo(*shard) if shard is not None else None)

@@ -1,7 +1,8 @@
 """The state machine: generated interleavings of tenants over real sockets.
 
 Each example opens with a populated world (two tenants, three connections, two
-threads, one of them shared); then rules cover the whole protocol: connects (header or query token, and tokens that must be refused),
+threads, one of them shared); then rules cover the whole protocol: connects (header or query token, and tokens that must be refused,
+a valid token on another path of the host, a token both ways at once),
 clean closes and abrupt drops, agent starts, joins and leaves, messages sent
 without waiting for their replies (replies stream while later steps run),
 history reads with and without ``limit``, thread lists, pings, malformed
@@ -69,7 +70,7 @@ from partywall_strategies import (
     user_ids,
 )
 
-from partywall.adapter import BAD_FRAME_KINDS, BadFrame
+from partywall.adapter import BAD_FRAME_KINDS, OTHER_PATH_KINDS, BadFrame
 from partywall.checks import Checker
 from partywall.credentials import EXTRA_BAD_KINDS, user_index
 from partywall.driver import Conn, Refused
@@ -230,6 +231,9 @@ class TenantMachine(RuleBasedStateMachine):
         """Pre-provisioned tenants and users (--identities): every example reuses them."""
         self.harness_error: HarnessError | None = None
         """A credential that could not be had (a failing --token-cmd): the example stops, and so does the run."""
+        if "both" not in s.adapter.credential_ways:
+            s.not_run_check("credential both ways", f"the {s.adapter.name} adapter declares no way to send a "
+                                                    "credential both ways at once, so which one counts is not checked")
 
     # -- helpers ------------------------------------------------------------------
 
@@ -454,6 +458,33 @@ class TenantMachine(RuleBasedStateMachine):
             return True
         return False
 
+    def _connect_refused_all(self, tenant: TenantRef, uid: str, kinds: list[str], via: str) -> list[str]:
+        """`_connect_refused` for each kind, all at once, in one call into the driver's loop (one
+        after the other, each in a call of its own, they took a seventh of the run's time); the
+        kinds that opened, in the order of ``kinds``."""
+        user = UserRef(uid, tenant, self._user_id(tenant, uid))
+        tries = []
+        for kind in kinds:
+            name = self._name("x")
+            kind = self.session.credentials.kind_for(kind)
+            tries.append((name, kind, self._credential(user.tenant.tid, user.uid, kind)))
+
+        opened: dict[str, bool] = {}
+
+        async def one(name: str, kind: str, token: str) -> None:
+            result = await self.driver.connect(name, user.tenant.tid, user.uid, token, via, kind)
+            if isinstance(result, Conn):
+                opened[kind] = True
+                await self.driver.disconnect(name, False)
+
+        async def all_at_once() -> None:
+            async with trio.open_nursery() as n:
+                for name, kind, token in tries:
+                    n.start_soon(one, name, kind, token)
+
+        self._call(all_at_once)
+        return [kind for _, kind, _ in tries if kind in opened]
+
     @precondition(within_budget("disconnect"))
     @rule(conn=consumes(conns), abrupt=st.booleans())
     @recorded
@@ -628,8 +659,14 @@ class TenantMachine(RuleBasedStateMachine):
         thread = threads[i % len(threads)]
         if not self._open(conn, thread):
             return
-        for plan in plans:
-            self._fire(conn, "user_message", {"thread_id": thread.thread_id, "content": self._marker_content(plan)})
+        sends = [(self.session.next_req_id(), {"thread_id": thread.thread_id, "content": self._marker_content(plan)})
+                 for plan in plans]
+
+        async def in_a_row() -> None:  # one call into the driver's loop for all of them
+            for rid, fields in sends:
+                await self.driver.send(conn.name, "user_message", rid, fields)
+
+        self._call(in_a_row)
         event(f"chat of {len(plans)}")
         self.outcome = f"{conn.name} sent {len(plans)} messages in a row to {thread.name}"
 
@@ -670,11 +707,6 @@ class TenantMachine(RuleBasedStateMachine):
                 if pending is not None:
                     await pending.done.wait()
 
-    def _send_bad(self, conn: ConnRef, kind: str, made: BadFrame) -> None:
-        message, rid, readable, expect = made
-        self._call(functools.partial(self.driver.send_raw, conn.name, message, note=kind, req_id=rid,
-                                     readable=readable, expect=expect))
-
     @rule(conn=conns, thread=st.integers(0, 15),
           request=st.sampled_from(["join_thread", "get_history", "user_message", "leave_thread"]), plan=contents())
     @recorded
@@ -704,11 +736,57 @@ class TenantMachine(RuleBasedStateMachine):
     @rule(tenant=st.integers(0, 3))
     @recorded
     def bad_token(self, tenant: int) -> None:
-        """Connect with every kind of credential that must be refused, one after the other. (A
-        drawn kind left most kinds unsent for whole runs: Hypothesis favours the first of a list.)"""
+        """Connect with every kind of credential that must be refused, all at once. (A
+        drawn kind left most kinds unsent for whole runs: Hypothesis favours the first of a list.)
+        Then with a valid one on another path of the host, and with credentials both ways at once."""
         kinds = dict.fromkeys(self.session.credentials.kind_for(k) for k in (*BAD_TOKEN_KINDS, *EXTRA_BAD_KINDS))
-        opened = [k for k in kinds if self._connect_refused(self._tenant(tenant), "alice", k, "header")]
-        self.outcome = (f"{len(kinds)} refused credentials tried" + (f"; OPENED: {', '.join(opened)}" if opened else ""))
+        opened = self._connect_refused_all(self._tenant(tenant), "alice", list(kinds), "header")
+        # The handshake's own rules, with valid credentials. Nothing more is drawn (another rule
+        # would change every program a seed generates): the path cycles through the kinds.
+        path = OTHER_PATH_KINDS[(tenant + self.calls["bad_token"] - 1) % len(OTHER_PATH_KINDS)]
+        if self._other_path(self._tenant(tenant), path):
+            opened.append(f"{path} path")
+        opened += self._both_ways(self._tenant(tenant), self._tenant(tenant + 1))
+        self.outcome = (f"{len(kinds)} refused credentials, another path, both ways tried"
+                        + (f"; OPENED: {', '.join(opened)}" if opened else ""))
+
+    def _other_path(self, tenant: TenantRef, path: str) -> bool:
+        """Connect with a valid credential to another path of the service's host (which must refuse
+        it); whether it opened."""
+        uid = self._user_id(tenant, "alice")
+        url = self.session.adapter.other_path(self.driver.url, path)
+        name, token = self._name("x"), self._credential(tenant.tid, uid)
+        result = self._call(functools.partial(self.driver.connect, name, tenant.tid, uid, token, "header", "other_path",
+                                              url=url))
+        if isinstance(result, Conn):
+            self._call(self.driver.disconnect, name, False)
+            return True
+        return False
+
+    def _both_ways(self, tenant: TenantRef, other: TenantRef) -> list[str]:
+        """Where the service takes a credential both ways at once, the header's counts: a valid header
+        with another identity's valid token in the query is welcomed as the header's identity, and a
+        refused header with a valid query is refused. Returns what opened that must not have."""
+        if "both" not in self.session.adapter.credential_ways:
+            return []
+        uid, other_uid = self._user_id(tenant, "alice"), self._user_id(other, "bob")
+        query = self._credential(other.tid, other_uid)
+        kind = self.session.credentials.kind_for("wrong_key")
+        opened = []
+        for header, header_kind in ((self._credential(tenant.tid, uid), "valid"),
+                                    (self._credential(tenant.tid, uid, kind), kind)):
+            name = self._name("x")
+            result = self._call(functools.partial(self.driver.connect, name, tenant.tid, uid, header, "both", header_kind,
+                                                  query_token=query))
+            if isinstance(result, Conn):
+                self._call(self.driver.disconnect, name, False)
+                if header_kind != "valid":
+                    opened.append(f"{kind} header with a valid query")
+            elif header_kind == "valid":
+                self.checker.record(Violation("liveness", f"a valid token was refused at the handshake ({result.reason})",
+                                              {"connection": name, "tenant": tenant.tid, "user": uid, "via": "both"},
+                                              check="valid_token_accepted"))
+        return opened
 
     @precondition(within_budget("bad_frame"))
     @rule(conn=conns, closing=closing_frames())
@@ -718,22 +796,26 @@ class TenantMachine(RuleBasedStateMachine):
         when drawn, one the service must answer by closing (an oversized one)."""
         if not self._open(conn):
             return
-        sent = []
+        sent: list[tuple[str, BadFrame]] = []
         for kind in BAD_FRAME_KINDS:
             if kind in CLOSING_KINDS:
                 continue  # one that closes the connection goes last, when drawn
             made = self.session.adapter.bad_frame(kind, self.session.next_req_id())
             if made is None:
                 continue  # no such frame in this service's format
-            self._send_bad(conn, kind, made)
-            sent.append(kind)
+            sent.append((kind, made))
         if closing is not None:
             made = self.session.adapter.bad_frame(closing, self.session.next_req_id())
             if made is not None:
-                self._send_bad(conn, closing, made)
-                sent.append(closing)
+                sent.append((closing, made))
+
+        async def one_by_one() -> None:  # one call into the driver's loop for all of them
+            for kind, (message, rid, readable, expect) in sent:
+                await self.driver.send_raw(conn.name, message, note=kind, req_id=rid, readable=readable, expect=expect)
+
+        self._call(one_by_one)
         event(f"bad frames{' and ' + closing if closing else ''}")
-        self.outcome = f"{conn.name} sent {len(sent)} malformed frames ({', '.join(sent)})"
+        self.outcome = f"{conn.name} sent {len(sent)} malformed frames ({', '.join(kind for kind, _ in sent)})"
 
     @precondition(within_budget("bad_name"))
     @rule(conn=conns, name=bad_assistant_names())

@@ -53,15 +53,21 @@ def contents(draw: st.DrawFn) -> ContentPlan:
     non-Latin-1 characters included) or text an attacker sends (`HOSTILE`); sometimes empty, half the service's
     content limit (8 KiB in protocol v1), exactly the limit (16,384 bytes), or
     one byte over. Shrinks toward short empty text."""
-    size = draw(st.sampled_from(SIZES))
+    size = draw(_SIZE)
     if size == "short":
-        return ContentPlan(size, draw(st.one_of(st.text(TEXT_CHARS, max_size=40), st.sampled_from(HOSTILE))))
+        return ContentPlan(size, draw(_SHORT))
     if size == "empty":
         return ContentPlan(size, "")
-    # No control characters in a filler: JSON writes each as a six-byte escape, so a message at
-    # the content limit would make a frame past the frame limit, which the model does not expect.
-    filler = draw(st.one_of(st.just("a"), st.sampled_from(["é", "€", "😀", "中"]), FILLER_CHARS))
-    return ContentPlan(size, filler)
+    return ContentPlan(size, draw(_FILLER))
+
+
+# Built once: a strategy built inside `contents` at every draw cost Hypothesis a fresh
+# analysis each time (the same draws either way, so the same seed gives the same program).
+_SIZE = st.sampled_from(SIZES)
+_SHORT = st.one_of(st.text(TEXT_CHARS, max_size=40), st.sampled_from(HOSTILE))
+# No control characters in a filler: JSON writes each as a six-byte escape, so a message at
+# the content limit would make a frame past the frame limit, which the model does not expect.
+_FILLER = st.one_of(st.just("a"), st.sampled_from(["é", "€", "😀", "中"]), FILLER_CHARS)
 
 
 def target_bytes(size: str, max_content: int) -> int | None:

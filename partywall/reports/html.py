@@ -20,6 +20,7 @@ from typing import Any, TypeGuard
 import attrs
 
 from partywall import __version__
+from partywall.benchreport import BenchReport, as_json
 from partywall.errors import HarnessError
 from partywall.stats import LatencyHistogram, min_samples_for
 
@@ -628,8 +629,9 @@ footer{color:var(--dim);font-size:12px;text-align:center}
 """
 
 
-def render_html(report: Mapping[str, Any]) -> str:
-    """The whole page as a string (see `write_html`)."""
+def render_html(report: BenchReport | Mapping[str, Any]) -> str:
+    """The whole page as a string (see `write_html`); a bench report is read through its model."""
+    report = as_json(report)
     title = "partywall " + ("bench" if "plan_fingerprint" in report else "run") + " report"
     timeline = ""
     if report.get("timeline"):
@@ -653,7 +655,7 @@ def render_html(report: Mapping[str, Any]) -> str:
     )
 
 
-def write_html(report: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
+def write_html(report: BenchReport | Mapping[str, Any], path: str | os.PathLike[str]) -> None:
     """Write the report as one self-contained HTML file with inline SVG charts."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)

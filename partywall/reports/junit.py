@@ -17,6 +17,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from partywall import thresholds
+from partywall.benchreport import BenchReport, as_json
+
 # The invariants of the suite, in the order people read them. A report may
 # list its own under "invariants"; any named only in a violation is added.
 DEFAULT_INVARIANTS: tuple[str, ...] = (
@@ -39,11 +42,8 @@ def _dump(value: Any) -> str:
 
 
 def _breach(name: str, entry: Mapping[str, Any]) -> str:
-    actual, limit = entry.get("actual"), entry.get("limit")
-    if actual is None:
-        return f"{name}: no measurement (limit {limit}); the metric had no successful samples."
-    relation = "is below" if name.endswith("_rate") else "exceeds"
-    return f"{name}: actual {actual} {relation} the limit {limit}."
+    # The one wording of a breach, the thresholds' own (the same as the violation's title).
+    return thresholds.breach(name, thresholds.Threshold.from_json(entry, name)) + "."
 
 
 def _not_run_entries(report: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -61,8 +61,9 @@ def _testcase(suite: ET.Element, classname: str, name: str, time_s: float = 0.0)
     return ET.SubElement(suite, "testcase", classname=classname, name=_clean(name), time=f"{time_s:.3f}")
 
 
-def build_junit(report: Mapping[str, Any]) -> ET.ElementTree:
-    """The JUnit document of a report (see `write_junit`)."""
+def build_junit(report: BenchReport | Mapping[str, Any]) -> ET.ElementTree:
+    """The JUnit document of a report (see `write_junit`); a bench report is read through its model."""
+    report = as_json(report)
     is_bench = "plan_fingerprint" in report
     suite_name = "partywall.bench" if is_bench else "partywall.run"
     duration = float(report.get("duration_s") or 0.0)
@@ -135,7 +136,7 @@ def build_junit(report: Mapping[str, Any]) -> ET.ElementTree:
     return ET.ElementTree(root)
 
 
-def write_junit(report: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
+def write_junit(report: BenchReport | Mapping[str, Any], path: str | os.PathLike[str]) -> None:
     """Write the report as JUnit XML: one testsuite, a testcase per threshold and invariant."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)

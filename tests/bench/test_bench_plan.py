@@ -9,8 +9,10 @@ import subprocess
 import sys
 
 import pytest
-from partywall_props.bench import Plan, evaluate_thresholds, parse_shard, threshold_violations
+from partywall_props.plan import Plan, parse_shard
 
+from partywall import thresholds
+from partywall.benchreport import BenchReport
 from partywall.errors import HarnessError
 
 
@@ -33,7 +35,7 @@ def test_bench_plan_other_seed_or_shape_other_fingerprint() -> None:
 def test_bench_plan_fingerprint_is_the_same_in_another_process() -> None:
     # The seed suite used salted hash(); a fresh interpreter (another
     # PYTHONHASHSEED) must draw the very same plan.
-    code = "from partywall_props.bench import Plan; print(Plan.generate(7, 30, 4, 2).fingerprint())"
+    code = "from partywall_props.plan import Plan; print(Plan.generate(7, 30, 4, 2).fingerprint())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PYTHONHASHSEED": "12345", "PATH": "/usr/bin:/bin"}, timeout=60)
     assert out.stdout.strip() == Plan.generate(7, 30, 4, 2).fingerprint()
@@ -66,20 +68,29 @@ def test_bench_plan_shards_partition_the_users() -> None:
 
 
 def test_bench_thresholds_name_actual_and_limit() -> None:
-    report = {
+    report = BenchReport.from_json({
+        "ok": False, "plan_fingerprint": "f",
         "latency_ms": {"agent_startup": {"n": 60, "p95": 7265.0, "p99": 7600.0}},
         "success_rate": {"connect": 0.98},
         "server": {"rss_mib_peak": 40.0},
         "violations": [],
-    }
+    })
     limits = {"agent_startup_p95_ms": 5000, "agent_startup_p99_ms": 8000, "connect_success_rate": 1.0,
               "server_peak_rss_mib": 4096, "violations": 0}
-    got = evaluate_thresholds(limits, report)
-    assert [name for name, t in got.items() if not t["ok"]] == ["agent_startup_p95_ms", "connect_success_rate"]
-    titles = [v.title for v in threshold_violations(got)]
+    got = thresholds.evaluate(limits, report)
+    assert [name for name, t in got.items() if not t.ok] == ["agent_startup_p95_ms", "connect_success_rate"]
+    titles = [v.title for v in thresholds.violations(got)]
     assert titles == ["agent_startup_p95_ms: actual 7265.0 exceeds limit 5000",
                       "connect_success_rate: actual 0.98 is below limit 1.0"]
+    # Judging the report adds them as `timing` violations and fails it; judging again replaces them.
+    report.judge(limits)
+    assert report.ok is False and [v.title for v in report.violations] == titles
+    report.judge({"agent_startup_p95_ms": 8000})
+    assert report.ok is True and report.violations == []
     # No measurement is not a pass.
-    assert evaluate_thresholds({"server_peak_rss_mib": 4096}, {**report, "server": None})["server_peak_rss_mib"]["ok"] is False
+    report.server = None
+    assert thresholds.evaluate({"server_peak_rss_mib": 4096}, report)["server_peak_rss_mib"].ok is False
     with pytest.raises(HarnessError, match="unknown bench threshold"):
-        evaluate_thresholds({"startup_fast": 1}, report)
+        thresholds.evaluate({"startup_fast": 1}, report)
+    with pytest.raises(HarnessError, match="needs a number"):
+        thresholds.check_limits({"connect_success_rate": "all"})

@@ -26,9 +26,9 @@ from typing import Any
 
 import pytest
 from harness.test_reports import chromium  # noqa: F401 - the shared headless-Chromium fixture
-from partywall_props.bench import Plan
+from partywall_props.plan import Plan
 
-from partywall.stats import merge_bench_reports
+from partywall.benchreport import BenchReport, merge_reports
 
 METRICS = ("connect", "agent_startup", "first_chunk", "response", "history")
 
@@ -142,10 +142,10 @@ def test_bench_under_xdist_runs_one_shard_per_worker_and_the_shards_merge(tmp_pa
     shards = [json.loads((tmp_path / f"REPORT.gw{k}.json").read_text(encoding="utf-8")) for k in (0, 1)]
     assert [s["shard"] for s in shards] == [{"index": 0, "count": 2}, {"index": 1, "count": 2}]
     assert [s["users"] for s in shards] == [10, 10]
-    merged = merge_bench_reports(shards)
-    assert merged["ok"] is True and merged["users"] == 20
-    assert merged["latency_ms"]["agent_startup"]["n"] == 20 and merged["latency_ms"]["response"]["n"] == 60
-    assert merged["plan_fingerprint"] == Plan.generate(100, 20, 10, 3).fingerprint()
+    merged = merge_reports([BenchReport.from_json(s) for s in shards])
+    assert merged.ok is True and merged.users == 20
+    assert merged.latency_ms["agent_startup"].n == 20 and merged.latency_ms["response"].n == 60
+    assert merged.plan_fingerprint == Plan.generate(100, 20, 10, 3).fingerprint()
 
 
 @pytest.mark.browser
@@ -170,3 +170,21 @@ def test_bench_html_of_a_real_run_renders_in_chromium(
     assert len(chromium.find_elements(By.CSS_SELECTOR, "#chart-gantt rect")) >= 40
     assert len(chromium.find_elements(By.CSS_SELECTOR, "#chart-cpu polyline")) == 2
     assert [e for e in chromium.get_log("browser") if e.get("level") == "SEVERE"] == []
+
+
+@pytest.mark.timeout(150)
+def test_bench_warns_when_the_load_generator_was_saturated(tmp_path: Path) -> None:
+    """The warning follows the client's measured CPU: a limit it cannot reach stays silent, one it passes warns."""
+    for limit, warned in (("100000", False), ("0.01", True)):
+        out = tmp_path / limit
+        out.mkdir()
+        proc = _bench("--users", "10", "--report", str(out / "r.json"),
+                      "--set", f"bench.client_cpu_saturated_percent={limit}", cwd=out)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]  # a warning never fails the gate
+        report = json.loads((out / "r.json").read_text(encoding="utf-8"))
+        mean = report["client"]["cpu_percent_mean"]
+        assert mean is not None and mean > 0.01
+        assert bool(report["warnings"]) is warned, report["warnings"]
+        assert ("WARNING the load generator's CPU averaged" in proc.stdout) is warned
+        if warned:
+            assert f"averaged {mean:.0f} %" in report["warnings"][0]

@@ -10,21 +10,27 @@ from __future__ import annotations
 
 import math
 import random
+from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from partywall.benchreport import BenchReport, merge_reports
 from partywall.errors import HarnessError
 from partywall.stats import (
     LatencyHistogram,
-    merge_bench_reports,
     min_samples_for,
     percentile,
     summarize,
 )
 
 from .bench_fixture import make_bench_report
+
+
+def merge_bench_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """The shards' JSON through the model, merged, and back to JSON (as `partywall merge` does)."""
+    return merge_reports([BenchReport.from_json(r) for r in reports]).to_json()
 
 
 def test_stats_nearest_rank_small_and_round_counts() -> None:
@@ -172,15 +178,25 @@ def test_stats_merge_recomputes_percentile_thresholds_on_the_whole_run() -> None
 def test_stats_merge_refuses_reports_of_different_plans_or_missing_shards() -> None:
     a, _ = make_bench_report(users=10, fingerprint="aaaa", shard=(0, 2))
     b, _ = make_bench_report(users=10, fingerprint="bbbb", shard=(1, 2))
-    with pytest.raises(HarnessError, match="different plans"):
+    with pytest.raises(HarnessError, match="report 2: it ran another plan"):
         merge_bench_reports([a, b])
+    with pytest.raises(HarnessError, match="report 2: shard 1/2 is given twice"):
+        merge_bench_reports([a, a])
     c, _ = make_bench_report(users=10, fingerprint="aaaa", shard=(0, 3))
     d, _ = make_bench_report(users=10, fingerprint="aaaa", shard=(2, 3))
-    with pytest.raises(HarnessError, match=r"shards \[0, 2\] of \[3\]"):
-        merge_bench_reports([c, d])
-    with pytest.raises(HarnessError, match="no reports"):
+    # A missing shard is not refused: the merge says which one, and has an error.
+    partial = merge_bench_reports([c, d])
+    assert partial["missing_shards"] == [{"index": 1, "count": 3}] and partial["ok"] is False
+    assert "shard 2/3 is missing" in partial["error"]
+    with pytest.raises(HarnessError, match="report 2: it is shard 1/3 but report 1 is shard 1/2"):
+        merge_bench_reports([a, c])
+    with pytest.raises(HarnessError, match="nothing to merge"):
         merge_bench_reports([])
     e, _ = make_bench_report(users=10, fingerprint="aaaa")
     del e["latency_ms"]["connect"]["histogram"]
     with pytest.raises(HarnessError, match="has samples but no histogram"):
         merge_bench_reports([e])
+    f, _ = make_bench_report(users=10, fingerprint="aaaa", shard=(1, 2))
+    f["thresholds"]["agent_startup_p95_ms"]["limit"] = 6000
+    with pytest.raises(HarnessError, match="report 2: its threshold agent_startup_p95_ms has the limit 6000"):
+        merge_bench_reports([make_bench_report(users=10, fingerprint="aaaa", shard=(0, 2))[0], f])

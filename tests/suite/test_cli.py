@@ -180,3 +180,21 @@ def test_cli_pytest_runs_the_properties_by_import_name(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert "1 passed" in proc.stdout and "profile smoke, seed 7" in proc.stdout
     assert json.loads((tmp_path / "r.json").read_text())["ok"] is True
+
+
+def test_cli_bench_runs_through_its_entry_point_without_pytest(tmp_path: Path) -> None:
+    """`partywall bench` calls the `partywall.bench` entry point: neither pytest nor Hypothesis is started."""
+    code = ("import sys; from partywall.cli import main; status = main(['bench', '--users', '5', '--report', 'r.json']); "
+            "print('IMPORTED', [m for m in ('pytest', '_pytest', 'hypothesis') if m in sys.modules]); sys.exit(status)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "IMPORTED []" in proc.stdout and "partywall bench PASSED: 5 users" in proc.stdout
+    assert json.loads((tmp_path / "r.json").read_text())["ok"] is True
+
+
+def test_cli_merge_is_a_command_with_the_report_options(tmp_path: Path) -> None:
+    proc = partywall("merge", "--help", cwd=tmp_path)
+    assert proc.returncode == 0 and "--report" in proc.stdout and "--junit" in proc.stdout and "--html" in proc.stdout
+    proc = partywall("merge", str(tmp_path / "none.json"), cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == f"partywall merge: {tmp_path / 'none.json'}: cannot be read (No such file or directory)"
