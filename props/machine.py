@@ -78,7 +78,7 @@ from partywall.errors import HarnessError, Violation
 from partywall.session import Session
 from partywall.tokens import BAD_TOKEN_KINDS
 
-MAX_CONNS = 8
+MAX_CONNS = 9
 MAX_THREADS = 8
 CRASH_AFTER = 12
 MAX_CRASHES = 1
@@ -325,14 +325,16 @@ class TenantMachine(RuleBasedStateMachine):
     @recorded
     def world(self, first: str, second: str, via: str) -> MultipleResults[ConnRef]:
         """Every example starts populated: two tenants of its own (often near-identical ids),
-        the user ``alice`` in both and ``bob`` in the first; each tenant's first user
-        starts an agent, and the second user joins that thread."""
+        the user ``alice`` in both and ``bob`` in the first, and ``alice`` of the first on a
+        second device (the other way of sending the credential); each tenant's first user
+        starts an agent, and the second user and the second device join that thread."""
         for base in (first, second):
             self._add_tenant(base)
         t0, t1 = self.tenant_list[0], self.tenant_list[-1]
         c0 = self._connect(t0, "alice", via)
         c1 = self._connect(t0, "bob", via)
         c2 = self._connect(t1, "alice", via)
+        c3 = self._connect(t0, "alice", "query" if via == "header" else "header")
         # The opening is deliberately plain: user ids a careless server cannot mangle, one
         # start after the other, under assistant names of this example's own. Tricky ids,
         # concurrency and names shared across tenants come from generated steps
@@ -340,11 +342,14 @@ class TenantMachine(RuleBasedStateMachine):
         # generated step that caused it, never to this fixed opening alone.
         th0 = self._start(c0, self.prefix + "helper")
         self._start(c2, self.prefix + "helper2")
-        if self.has("join_thread") and self._open(c1, th0):
-            self._join(c1, th0)
-        joined = "th0 (c0, c1)" if self.has("join_thread") else "th0 (c0)"
-        self.outcome = f"tenants {t0.tid!r} and {t1.tid!r}; c0, c1 in {t0.name}, c2 in {t1.name}; {joined}, th1 (c2)"
-        return multiple(c0, c1, c2)
+        if self.has("join_thread"):
+            for member in (c1, c3):
+                if self._open(member, th0):
+                    self._join(member, th0)
+        joined = "th0 (c0, c1, c3)" if self.has("join_thread") else "th0 (c0)"
+        self.outcome = (f"tenants {t0.tid!r} and {t1.tid!r}; c0, c1, c3 (alice again) in {t0.name}, c2 in "
+                        f"{t1.name}; {joined}, th1 (c2)")
+        return multiple(c0, c1, c2, c3)
 
     def _add_tenant(self, base: str) -> TenantRef:
         if self.identities is not None:
