@@ -216,6 +216,15 @@ class Frame:
         return re_ if isinstance(re_, str) else None
 
 
+
+def _padded_ping(rid: str, pad: int) -> str:
+    """A well-formed ``ping`` (``rid``: its id, JSON-encoded) with ``pad`` ASCII characters of padding.
+
+    Joined as text rather than through `json.dumps`, which scans every one of up to 16 Mi
+    characters for escapes (about 80 ms a frame); the padding needs none.
+    """
+    return '{"type": "ping", "id": ' + rid + ', "pad": "' + "x" * pad + '"}'
+
 class Adapter:
     """Protocol version 1 of PROTOCOL.md over WebSocket text frames."""
 
@@ -316,14 +325,12 @@ class Adapter:
             return BadFrame('{"type": "join_thread", "id": ' + rid + ', "thread_id": 1' + "0" * 4999 + "}", req_id, None,
                             "bad_request")
         if kind == "oversize_16mib":  # PROTOCOL.md: too_large holds for messages up to at least 16 MiB
-            pad = "x" * (16 * 1024 * 1024)
-            return BadFrame(json.dumps({"type": "ping", "id": req_id, "pad": pad}), req_id, False, "too_large")
+            return BadFrame(_padded_ping(rid, 16 * 1024 * 1024), req_id, False, "too_large")
         if kind == "long_id":
             long_id = (req_id + "-" + "i" * self.limits.max_id)[: self.limits.max_id + 1]
             return BadFrame(json.dumps({"type": "ping", "id": long_id}), long_id, None, "bad_request")
         if kind == "oversize":
-            pad = "x" * (self.limits.max_frame_in + 1)
-            return BadFrame(json.dumps({"type": "ping", "id": req_id, "pad": pad}), req_id, False, "too_large")
+            return BadFrame(_padded_ping(rid, self.limits.max_frame_in + 1), req_id, False, "too_large")
         return None
 
     def decode(self, message: str | bytes) -> Frame:

@@ -115,7 +115,9 @@ PROOFS: dict[str, Proof] = {
     # A read with limit first lets the thread's turns in flight finish, so the window is known; but
     # which thread a burst's message lands in can follow the order in which its concurrent start-ups
     # were answered, so the shrunk program may fill another thread on a re-run.
-    "limit_keeps_oldest": Proof("durability", "history_keeps_commits", "fast", deterministic=False),
+    "limit_keeps_oldest": Proof("durability", "history_keeps_commits", "fast", deterministic=False,
+                                bench_only="caught under the ci seed, but its shrunk program (messages of a burst "
+                                           "whose start-ups race) replayed 0 of 6 times in one CI run"),
     # The shrunk program's list_threads may be answered before a reply it counts is committed.
     "count_user_messages_only": Proof("durability", "threads_kept", "fast", deterministic=False),
     # The SIGKILL must fall inside a turn (committed, not yet answered). The audit waits the reply limit
@@ -190,7 +192,8 @@ def control(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Outcome
 def test_fault_proofs_cover_every_planted_fault() -> None:
     assert sorted(PROOFS) == sorted(FAULTS)
     # Proven by ci/bench_faults.py only: few, and each says why.
-    assert [f for f, p in PROOFS.items() if p.bench_only] == ["rejoin_mid_turn", "recovery_uncommitted"]
+    assert [f for f, p in PROOFS.items() if p.bench_only] == ["rejoin_mid_turn", "limit_keeps_oldest",
+                                                              "recovery_uncommitted"]
 
 
 @pytest.mark.slow
