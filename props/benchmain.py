@@ -23,7 +23,6 @@ from partywall_props.plan import Plan, parse_shard, xdist_shard
 
 from partywall.benchreport import BenchReport, format_summary, verdict
 from partywall.errors import HarnessError
-from partywall.launch import start_gate
 
 Option = Callable[[str], Any]
 
@@ -104,7 +103,11 @@ def bench_once(session: Any, opt: Option, seed: int, *, workerinput: Mapping[str
         shard_opt = opt("shard")
         shard = parse_shard(shard_opt) if shard_opt else xdist_shard(workerinput)
         plan = Plan.from_config(session.config["bench"], seed=seed)
-        gate = start_gate(opt("start_gate"), shard) if opt("start_gate") else None  # a launched shard
+        gate = None
+        if opt("start_gate"):  # a shard of a launched run (the launcher's module only then: start-up)
+            from partywall.launch import start_gate
+
+            gate = start_gate(opt("start_gate"), shard)
         report = run_bench(session, plan, shard=shard, progress=progress, start_gate=gate)
     except HarnessError as exc:
         session.bench_report = error_report(plan, str(exc), shard)
