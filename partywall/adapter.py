@@ -92,6 +92,9 @@ class Limits:
     """Longest message content, in bytes of UTF-8."""
     max_frame_in: int = MAX_FRAME_IN
     """Longest client message, in bytes."""
+    max_in_flight: int = 64
+    """Requests one connection may have in flight (sent, final answer not yet received) before the
+    service may answer `rate_limited`: v1 servers allow at least 64."""
 
 
 #: The kinds of malformed frame the suite sends (`Adapter.bad_frame` makes each in the service's format).

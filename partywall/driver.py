@@ -332,6 +332,7 @@ class Driver:
     def _outcome(self, kind: str, op: str, conn: Conn, *, t0: float, **data: Any) -> None:
         t = time.monotonic()
         data["latency_ms"] = (t - t0) * 1000.0
+        data["wall_s"] = time.time()  # the client's clock at ``t``: server times are compared with it
         self._later(kind, op, t, conn=conn.name, data=data)
 
     async def _own(self, conn: Conn, url: str, headers: list[tuple[str, str]], hello: str | bytes | None,
@@ -399,7 +400,9 @@ class Driver:
                 self._arrive(conn, message, t)
         except ConnectionClosed as exc:
             self._flush()  # every frame before the close is recorded before it
-            code = exc.reason.code if exc.reason is not None else None
+            # wsproto names the codes it knows (CloseReason.UNSUPPORTED_DATA): the number is what
+            # the protocol, the checks and the reports speak of.
+            code = int(exc.reason.code) if exc.reason is not None and exc.reason.code is not None else None
             conn.close_code = code
             if conn.stop.is_set():  # the suite is closing it (a disconnect step, the end of an example)
                 self._mark_closed(conn, "abrupt drop" if conn.abrupt else "closed by the suite", code=code)

@@ -66,6 +66,11 @@ class Agent:
         return (trio.current_time() - began) * 1000.0
 
     @staticmethod
+    def elapsed_ms(began: float) -> float:
+        """Milliseconds since ``began`` (a `trio.current_time()`): what `startup_ms` reports."""
+        return (trio.current_time() - began) * 1000.0
+
+    @staticmethod
     def reply_text(content: str) -> str:
         # Verbatim, so whatever a user writes comes back to that thread.
         return "echo: " + content

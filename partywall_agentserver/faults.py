@@ -10,6 +10,7 @@ bug directly.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -208,6 +209,18 @@ def sticky_subscription(components: Components) -> Components:
     return attrs.evolve(components, hub=StickySubscriptionHub)
 
 
+class LeaveOnlyMutesHub(Hub):
+    """`leave_thread` stops the thread's fan-out to the connection, but the connection may still post
+    to it ("leaving mutes a thread")."""
+
+    def leave(self, conn: Connection, thread_id: str) -> None:
+        self._unsubscribe(conn, thread_id)
+
+
+def leave_only_mutes(components: Components) -> Components:
+    return attrs.evolve(components, hub=LeaveOnlyMutesHub)
+
+
 class EchoToRequesterScheduler(TurnScheduler):
     """A turn fans out to every subscriber of the thread, the requester's own connection included."""
 
@@ -217,6 +230,46 @@ class EchoToRequesterScheduler(TurnScheduler):
 
 def echo_to_requester(components: Components) -> Components:
     return attrs.evolve(components, scheduler=EchoToRequesterScheduler)
+
+
+class LeaveStopsOwnTurnScheduler(TurnScheduler):
+    """Sends a turn's frames to the requester only while it is joined ("a thread's frames go to its
+    members"): a requester that leaves during its own turn never gets the rest of it."""
+
+    def _send_chunk(self, conn: Connection, others: list[Subscription], frame: dict[str, Any]) -> None:
+        if self._hub.has_joined(conn, frame["thread_id"]):
+            super()._send_chunk(conn, others, frame)
+        elif others:
+            del frame["re"]
+            self._fan_out(others, frame["thread_id"], encode(frame))
+
+    def _deliver_response(
+        self, conn: Connection, others: list[Subscription], reply: MessageRecord, re: str, waited: bool
+    ) -> None:
+        if self._hub.has_joined(conn, reply.thread_id):
+            super()._deliver_response(conn, others, reply, re, waited)
+        elif others:
+            frame = {"type": "agent_response", "thread_id": reply.thread_id, "message_id": reply.message_id,
+                     "content": reply.content}
+            self._fan_out(others, reply.thread_id, encode(frame))
+
+
+def leave_stops_own_turn(components: Components) -> Components:
+    return attrs.evolve(components, scheduler=LeaveStopsOwnTurnScheduler)
+
+
+class FanoutTrimsContentScheduler(TurnScheduler):
+    """Trims the watchers' copy of a user's message ("tidy whitespace for display"): it no longer
+    equals what the user sent and what history stores."""
+
+    def _copy_of_message(self, conn: Connection, thread_id: str, message: MessageRecord) -> dict[str, Any]:
+        copy = super()._copy_of_message(conn, thread_id, message)
+        copy["content"] = copy["content"].strip()
+        return copy
+
+
+def fanout_trims_content(components: Components) -> Components:
+    return attrs.evolve(components, scheduler=FanoutTrimsContentScheduler)
 
 
 class ReplyToFirstDeviceScheduler(TurnScheduler):
@@ -332,6 +385,62 @@ class CountUserMessagesOnlyStorage(Storage):
 
 def count_user_messages_only(components: Components) -> Components:
     return attrs.evolve(components, storage=CountUserMessagesOnlyStorage)
+
+
+class ThreadsNewestFirstStorage(Storage):
+    """Lists a tenant's threads newest first ("the sidebar shows the recent ones on top")."""
+
+    async def list_threads(self, tenant: str) -> list[ThreadSummary]:
+        return list(reversed(await super().list_threads(tenant)))
+
+
+def threads_newest_first(components: Components) -> Components:
+    return attrs.evolve(components, storage=ThreadsNewestFirstStorage)
+
+
+class AssistantIdIsAgentIdStorage(Storage):
+    """Hands back a new thread's agent id in the assistant id's place (two fields of one record,
+    mixed up), so one assistant seems to get a new id with every thread."""
+
+    async def create_thread(self, tenant: str, user: str, assistant: str, instructions: str | None) -> ThreadRecord:
+        record = await super().create_thread(tenant, user, assistant, instructions)
+        return attrs.evolve(record, assistant_id=record.agent_id)
+
+
+def assistant_id_is_agent_id(components: Components) -> Components:
+    return attrs.evolve(components, storage=AssistantIdIsAgentIdStorage)
+
+
+class CreatedAtMillisStorage(Storage):
+    """Stamps stored records in milliseconds since the epoch (`Date.now()`, as the web client does)."""
+
+    def _clock(self) -> float:
+        return time.time() * 1000.0
+
+
+def created_at_millis(components: Components) -> Components:
+    return attrs.evolve(components, storage=CreatedAtMillisStorage)
+
+
+class CounterThreadIdsStorage(Storage):
+    """Numbers threads from a server-wide counter ("short ids for the URLs"), carried on from the
+    threads already stored: unique, but anyone can count another tenant's threads."""
+
+    def open(self) -> None:
+        super().open()
+        db = sqlite3.connect(self.path)
+        try:
+            (stored,) = db.execute("SELECT COUNT(*) FROM threads").fetchone()
+        finally:
+            db.close()
+        self._counter = itertools.count(int(stored) + 1)
+
+    def _new_id(self, kind: str) -> str:
+        return f"thread-{next(self._counter)}" if kind == "thread" else super()._new_id(kind)
+
+
+def counter_thread_ids(components: Components) -> Components:
+    return attrs.evolve(components, storage=CounterThreadIdsStorage)
 
 
 class RecoveryUncommittedStorage(Storage):
@@ -471,6 +580,19 @@ def serial_startup(components: Components) -> Components:
     return attrs.evolve(components, agent=SerialStartupAgent)
 
 
+class StartupInMicrosecondsAgent(Agent):
+    """Converts the start-up's seconds with the factor for microseconds, so `startup_ms` says
+    a thousand times what the start took."""
+
+    @staticmethod
+    def elapsed_ms(began: float) -> float:
+        return (trio.current_time() - began) * 1_000_000.0
+
+
+def startup_in_microseconds(components: Components) -> Components:
+    return attrs.evolve(components, agent=StartupInMicrosecondsAgent)
+
+
 # -- protocol --------------------------------------------------------------------
 
 
@@ -546,6 +668,22 @@ def oversize_stays_open(components: Components) -> Components:
     return attrs.evolve(components, size_guard=OversizeStaysOpenGuard)
 
 
+class BinaryCloses1003Guard(SizeGuard):
+    """Answers a binary frame with `bad_request`, then closes with 1003 ("unsupported data", as
+    RFC 6455 allows a server to), where the protocol keeps the connection open."""
+
+    def refuse(self, conn: Connection, message: str | bytes) -> bool:
+        if not isinstance(message, bytes):
+            return super().refuse(conn, message)
+        conn.send(error_frame(BAD_REQUEST, "Binary frames are not supported; send JSON text."))
+        conn.close(1003, "binary frames are not supported")
+        return True
+
+
+def binary_closes_1003(components: Components) -> Components:
+    return attrs.evolve(components, size_guard=BinaryCloses1003Guard)
+
+
 class TransportCut1MibGuard(SizeGuard):
     """Leaves trio-websocket's message cap at its default 1 MiB, which closes bigger messages with 1009 before our `too_large`."""
 
@@ -591,6 +729,17 @@ def surrogates_pass(components: Components) -> Components:
     return attrs.evolve(components, parser=SurrogatesPassParser)
 
 
+class RateLimit8Parser(RequestParser):
+    """Allows 8 requests in flight per connection (the staging setting, shipped), where the
+    protocol asks for at least 64."""
+
+    max_in_flight = 8
+
+
+def rate_limit_8(components: Components) -> Components:
+    return attrs.evolve(components, parser=RateLimit8Parser)
+
+
 FAULTS: Final[dict[str, Modifier]] = {
     "foreign_thread_lookup": foreign_thread_lookup,
     "assistant_by_name": assistant_by_name,
@@ -621,6 +770,16 @@ FAULTS: Final[dict[str, Modifier]] = {
     "transport_cut_1mib": transport_cut_1mib,
     "bool_is_int_limit": bool_is_int_limit,
     "surrogates_pass": surrogates_pass,
+    "threads_newest_first": threads_newest_first,
+    "created_at_millis": created_at_millis,
+    "counter_thread_ids": counter_thread_ids,
+    "startup_in_microseconds": startup_in_microseconds,
+    "binary_closes_1003": binary_closes_1003,
+    "leave_only_mutes": leave_only_mutes,
+    "leave_stops_own_turn": leave_stops_own_turn,
+    "fanout_trims_content": fanout_trims_content,
+    "assistant_id_is_agent_id": assistant_id_is_agent_id,
+    "rate_limit_8": rate_limit_8,
 }
 
 

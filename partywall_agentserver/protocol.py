@@ -187,6 +187,9 @@ class RequestParser:
     rule (`check_content`) without a branch in the request path.
     """
 
+    max_in_flight: int = MAX_IN_FLIGHT
+    """Requests one connection may have in flight; the next gets `rate_limited`."""
+
     def parse(self, message: str | bytes) -> Request:
         if isinstance(message, bytes):
             raise ProtocolError(

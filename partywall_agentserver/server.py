@@ -27,7 +27,6 @@ from .hub import Hub
 from .protocol import (
     BAD_REQUEST,
     INTERNAL,
-    MAX_IN_FLIGHT,
     MAX_MESSAGE_BYTES,
     NOT_FOUND,
     RATE_LIMITED,
@@ -292,11 +291,11 @@ class AgentServer:
             except ProtocolError as exc:
                 conn.send(error_frame(exc.code, exc.message, exc.re))
                 continue
-            if conn.in_flight >= MAX_IN_FLIGHT:
+            if conn.in_flight >= self.parser.max_in_flight:
                 conn.send(
                     error_frame(
                         RATE_LIMITED,
-                        f"At most {MAX_IN_FLIGHT} requests may be in flight on one connection; "
+                        f"At most {self.parser.max_in_flight} requests may be in flight on one connection; "
                         "wait for replies before sending more.",
                         request.id,
                     )
@@ -405,7 +404,7 @@ class AgentServer:
                     "agent_id": thread.agent_id,
                     "assistant_id": thread.assistant_id,
                     "thread_id": thread.thread_id,
-                    "startup_ms": round((trio.current_time() - began) * 1000.0, 3),
+                    "startup_ms": round(self.agent.elapsed_ms(began), 3),
                 }
             )
         )

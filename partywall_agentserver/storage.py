@@ -429,15 +429,26 @@ class Storage:
 
         return insert
 
+    # Seams for planted faults: what a record's `created_at` says, and how a new
+    # thread's id is made.
+
+    def _clock(self) -> float:
+        """`created_at` of a new record: Unix seconds."""
+        return time.time()
+
+    def _new_id(self, kind: str) -> str:
+        """A new server id of ``kind`` (thread, ...): opaque and random."""
+        return new_id()
+
     async def create_thread(
         self, tenant: str, user: str, assistant: str, instructions: str | None
     ) -> ThreadRecord:
         """Find or create the tenant's assistant, and open a new thread on it."""
         note_user = self._note_user(tenant, user)
-        thread_id, agent_id = new_id(), new_id()
+        thread_id, agent_id = self._new_id("thread"), new_id()
 
         def create(db: sqlite3.Connection) -> ThreadRecord:
-            now = time.time()
+            now = self._clock()
             if note_user is not None:
                 note_user(db)
             assistant_id = self._find_assistant(db, tenant, assistant)
@@ -529,12 +540,12 @@ class Storage:
     async def add_user_message(
         self, thread: ThreadRecord, user: str, content: str
     ) -> MessageRecord:
-        record = MessageRecord(new_id(), thread.thread_id, "user", user, content, time.time())
+        record = MessageRecord(new_id(), thread.thread_id, "user", user, content, self._clock())
         await self._store_message(thread.tenant, record, None)
         return record
 
     async def add_reply(self, thread: ThreadRecord, reply_to: str, content: str) -> MessageRecord:
-        record = MessageRecord(new_id(), thread.thread_id, "assistant", None, content, time.time())
+        record = MessageRecord(new_id(), thread.thread_id, "assistant", None, content, self._clock())
         await self._store_message(thread.tenant, record, reply_to)
         return record
 
@@ -601,7 +612,7 @@ class Storage:
             db.execute("BEGIN IMMEDIATE")
             for item, content in replies:
                 record = MessageRecord(
-                    new_id(), item.thread.thread_id, "assistant", None, content, time.time()
+                    new_id(), item.thread.thread_id, "assistant", None, content, self._clock()
                 )
                 self._message_writer(record, item.message.message_id)(db)
             self._end_recovery(db)

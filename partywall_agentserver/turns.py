@@ -118,23 +118,23 @@ class TurnScheduler:
             )
         )
         others = self._watchers(conn, thread_id)
-        self._fan_out(
-            others,
-            thread_id,
-            encode(
-                {
-                    "type": "thread_message",
-                    "thread_id": thread_id,
-                    "message_id": message.message_id,
-                    "role": "user",
-                    "user": conn.user,
-                    "content": request.content,
-                }
-            ),
-        )
+        self._fan_out(others, thread_id, encode(self._copy_of_message(conn, thread_id, message)))
         text = await self._stream(conn, others, request, thread_id)
         reply = await self._storage.add_reply(thread, message.message_id, text)
         self._deliver_response(conn, others, reply, re, waited)
+
+    def _copy_of_message(
+        self, conn: Connection, thread_id: str, message: MessageRecord
+    ) -> dict[str, Any]:
+        """The watchers' copy of the user's message (`thread_message`)."""
+        return {
+            "type": "thread_message",
+            "thread_id": thread_id,
+            "message_id": message.message_id,
+            "role": "user",
+            "user": conn.user,
+            "content": message.content,
+        }
 
     def _watchers(self, conn: Connection, thread_id: str) -> list[Subscription]:
         """Who receives the turn's fan-out: the thread's subscriptions when the turn begins, but

@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-from partywall_props.model import Model, Req
+from partywall_props.model import Model, Req, id_number
 
 from partywall.adapter import Frame
 from partywall.checks import InvariantRegistry
@@ -25,14 +25,17 @@ INVARIANTS = InvariantRegistry()
 register = INVARIANTS.register
 
 INVARIANTS.describe("isolation", "nothing of another tenant (or user, where threads are private) reaches a connection, "
-                                 "and foreign ids answer like nonexistent ones")
+                                 "foreign ids answer like nonexistent ones, and ids do not count")
 INVARIANTS.describe("routing", "fan-out goes only where the service's rule sends it, and a reply only to the connection that asked")
 INVARIANTS.describe("durability", "acked messages and sent replies are in history, unchanged, after disconnects and crashes")
-INVARIANTS.describe("exactly-once", "each acked message gets one complete reply: no chunk missing, repeated or skipped")
-INVARIANTS.describe("ordering", "history is in commit order, each user message followed by its reply, chunks in seq order")
+INVARIANTS.describe("exactly-once", "each acked message gets one complete reply: no chunk missing, repeated or skipped; "
+                                    "watchers get the same turn")
+INVARIANTS.describe("ordering", "history is in commit order, each user message followed by its reply, chunks in seq order, "
+                                "thread lists oldest first")
 INVARIANTS.describe("liveness", "every request on an open connection is answered in time, and the server stays up")
 INVARIANTS.describe("timing", "no per-operation limit or percentile limit of the profile is exceeded")
-INVARIANTS.describe("protocol", "every frame matches the schema of its type, errors carry the right code, never internal")
+INVARIANTS.describe("protocol", "every frame matches the schema of its type and what the protocol says of each field, "
+                                "errors carry the right code, never internal, and close nothing but too_large")
 
 FANOUT = ("thread_message", "agent_chunk", "agent_response")
 
@@ -110,6 +113,32 @@ def identity_as_token(model: Model, ev: Event, frame: Frame | None) -> Iterator[
         if welcome and (welcome.get("tenant") != conn.tenant or welcome.get("user") != conn.user):
             yield Violation("isolation", "the welcome names another identity than the token",
                             {**_where(model, ev), "token": {"tid": conn.tenant, "sub": conn.user}, "welcome": welcome})
+
+
+#: Two ids of one kind and one stem whose trailing numbers are this close were counted out.
+COUNTER_GAP = 1000
+
+
+@register("isolation")
+def ids_are_opaque(model: Model, ev: Event, frame: Frame | None) -> Iterator[Violation]:
+    """Ids the server makes are opaque random strings, never counters (which let a tenant count another's)."""
+    if not _frame_in(model, ev, frame) or frame is None:
+        return
+    seen: dict[tuple[str, str], dict[int, str]] = {}
+    for field, value in dict.fromkeys(model.ids_in(frame.data)):
+        counted = id_number(value)
+        if counted is None or model.registry.owner(value) is not None:
+            continue  # no trailing number, or an id this run has seen before
+        stem, number = counted
+        earlier = {**model.id_numbers.get((field, stem), {}), **seen.get((field, stem), {})}
+        near = [(n, v) for n, v in earlier.items() if v != value and abs(n - number) <= COUNTER_GAP]
+        if near:
+            _, before = min(near, key=lambda nv: abs(nv[0] - number))
+            yield Violation("isolation", f"{field}s count up ({before!r}, then {value!r}): server ids must be opaque "
+                                         "random strings, never counters",
+                            {**_where(model, ev), "field": field, "earlier": before, "now": value, "frame": frame.raw})
+            return
+        seen.setdefault((field, stem), {})[number] = value
 
 
 @register("isolation")
@@ -341,6 +370,36 @@ def one_complete_reply(model: Model, ev: Event, frame: Frame | None) -> Iterator
                              "chunks_received": sorted(req.chunks)})
 
 
+@register("exactly-once")
+def fanout_copies_match(model: Model, ev: Event, frame: Frame | None) -> Iterator[Violation]:
+    """A watcher's copy of a turn is the turn: thread_message carries the message as sent, by its sender;
+    every copy of a reply carries the same content."""
+    if not _frame_in(model, ev, frame) or frame is None:
+        return
+    data = frame.data
+    if frame.type == "agent_response" and isinstance(data.get("message_id"), str) and isinstance(data.get("content"), str):
+        first = model.response_contents.get(data["message_id"])
+        if first is not None and first != data["content"]:
+            yield Violation("exactly-once", "two copies of one agent_response carry different content",
+                            {**_where(model, ev), "message_id": data["message_id"], "first": first[:300],
+                             "now": data["content"][:300], "frame": frame.raw})
+        return
+    if frame.type != "thread_message" or frame.re is not None or not isinstance(data.get("thread_id"), str):
+        return
+    content, user, mid = data.get("content"), data.get("user"), data.get("message_id")
+    sent = [r for r in model.turn_reqs.get(data["thread_id"], ()) if r.fields.get("content") == content]
+    if not sent:
+        yield Violation("exactly-once", "a thread_message carries content that no message sent to its thread had",
+                        {**_where(model, ev), "content": str(content)[:300], "frame": frame.raw})
+    elif user not in {model.conns[r.conn].user for r in sent if r.conn in model.conns}:
+        yield Violation("exactly-once", f"a thread_message names {user!r} as the sender of a message another user sent",
+                        {**_where(model, ev), "senders": sorted({model.conns[r.conn].user for r in sent}), "frame": frame.raw})
+    elif isinstance(mid, str) and all(r.acked is not None for r in sent) and mid not in {r.acked for r in sent}:
+        yield Violation("exactly-once", "a thread_message's message_id is not the one the sender's ack gave",
+                        {**_where(model, ev), "message_id": mid, "acked": sorted(str(r.acked) for r in sent),
+                         "frame": frame.raw})
+
+
 def _check_assembly(model: Model, ev: Event, frame: Frame, chunks: dict[int, str], req_id: str | None) -> Iterator[Violation]:
     missing, joined = _assembled(chunks)
     content = frame.data.get("content")
@@ -393,6 +452,25 @@ def history_in_commit_order(model: Model, ev: Event, frame: Frame | None) -> Ite
 
 
 @register("ordering")
+def threads_in_start_order(model: Model, ev: Event, frame: Frame | None) -> Iterator[Violation]:
+    """list_threads is oldest first: a thread started before another was asked for is listed before it."""
+    req = _own_reply(model, ev, frame, "threads")
+    if req is None or frame is None or not isinstance(frame.data.get("threads"), list):
+        return
+    known = [model.threads[item["thread_id"]] for item in frame.data["threads"]
+             if isinstance(item, dict) and isinstance(item.get("thread_id"), str) and item["thread_id"] in model.threads]
+    for i, later in enumerate(known):
+        for older in known[i + 1:]:
+            # ``older`` was started (its agent_started arrived) before ``later`` was even asked for.
+            if older.started_t < later.asked_t:
+                yield Violation("ordering", "list_threads is not oldest first: a thread is listed before one "
+                                            "that was started before it was asked for",
+                                {**_where(model, ev), "listed_first": later.thread_id, "started_first": older.thread_id,
+                                 "order": [t.thread_id for t in known]})
+                return
+
+
+@register("ordering")
 def chunks_in_order(model: Model, ev: Event, frame: Frame | None) -> Iterator[Violation]:
     """A reply's chunks arrive in seq order; an audit finds every user message answered."""
     if _frame_in(model, ev, frame) and frame is not None and frame.type == "agent_chunk":
@@ -426,6 +504,14 @@ def answered_in_time(model: Model, ev: Event, frame: Frame | None) -> Iterator[V
         yield Violation("liveness", f"the handshake got no welcome within {ev.data.get('limit_s')} s", _where(model, ev))
     elif ev.kind == "info" and ev.op == "died":
         yield Violation("liveness", "the server exited by itself", dict(ev.data))
+    elif (ev.kind == "info" and ev.op == "closed" and ev.conn in model.conns and ev.data.get("code") in (1006, None)
+          and str(ev.data.get("reason", "")).startswith("closed by the server")):
+        conn = model.conns[ev.conn]
+        killed = model.crash_t is not None and conn.opened_t is not None and conn.opened_t <= model.crash_t
+        if not conn.closing_1009 and not killed:
+            yield Violation("liveness", "the server dropped the connection without closing it (no close frame): "
+                                        "whatever it still owed this connection is lost",
+                            {**_where(model, ev), "close": dict(ev.data), "opened_t": conn.opened_t})
 
 
 # -- timing ----------------------------------------------------------------------
@@ -452,6 +538,23 @@ def within_limits(model: Model, ev: Event, frame: Frame | None) -> Iterator[Viol
             yield Violation("timing", f"ack took {actual:.0f} ms, over the limit of {limit} ms",
                             {**_where(model, ev), "operation": "ack", "actual_ms": round(actual, 1), "limit_ms": limit,
                              "step": req.step})
+
+
+@register("timing")
+def startup_within_latency(model: Model, ev: Event, frame: Frame | None) -> Iterator[Violation]:
+    """The server's own start-up measure (startup_ms) fits inside the time the client waited for agent_started."""
+    if ev.kind != "ok" or "latency_ms" not in ev.data:
+        return
+    req = model.reqs.get(ev.req_id or "")
+    said = req.startup_ms if req is not None and req.type == "start_agent" else None
+    if not isinstance(said, (int, float)) or isinstance(said, bool):
+        return  # absent (another protocol) or ill-typed (frames_match_schema reports it)
+    waited = float(ev.data["latency_ms"])
+    # The server's clock and the client's run at the same rate; 1% and 1 ms cover rounding and drift.
+    if said < 0 or said > waited * 1.01 + 1.0:
+        yield Violation("timing", f"agent_started says the start took {said} ms, but the client had its answer "
+                                  f"{waited:.1f} ms after asking: startup_ms must be milliseconds of this start",
+                        {**_where(model, ev), "request": ev.req_id, "startup_ms": said, "client_ms": round(waited, 3)})
 
 
 def percentile_violations(samples: dict[str, list[float]], limits: dict[str, Any]) -> list[Violation]:
@@ -533,6 +636,74 @@ def errors_say_no_internals(model: Model, ev: Event, frame: Frame | None) -> Ite
                         {**_where(model, ev), "message": message[:500], "frame": frame.raw[:2000]})
 
 
+#: 2000-01-01 and 2100-01-01 in Unix seconds: every time this protocol dates lies between.
+UNIX_2000, UNIX_2100 = 946_684_800.0, 4_102_444_800.0
+
+
+def _times_in(frame: Frame) -> Iterator[tuple[str, Any, str | None]]:
+    """(field, value, the id of the item it dates) for every server time in a frame but the welcome's."""
+    data = frame.data
+    if frame.type == "pong":
+        yield "server_time", data.get("server_time"), None
+    for key, id_key in (("messages", "message_id"), ("threads", "thread_id")):
+        items = data.get(key)
+        for item in items if isinstance(items, list) else ():
+            if isinstance(item, dict):
+                yield "created_at", item.get("created_at"), item.get(id_key)
+
+
+@register("protocol")
+def times_are_unix_seconds(model: Model, ev: Event, frame: Frame | None) -> Iterator[Violation]:
+    """created_at and server_time are Unix seconds: on the client's clock within the allowed skew, never before what they date."""
+    if ev.kind == "ok" and ev.op == "connect" and isinstance(ev.data.get("welcome"), dict):
+        # The welcome comes before the connect records the client's clock: judged here, with it.
+        wall = ev.data.get("wall_s")
+        found = [("server_time", ev.data["welcome"].get("server_time"), None)]
+        now = float(wall) if isinstance(wall, float) else model.wall(ev.t)
+    elif _frame_in(model, ev, frame) and frame is not None:
+        found, now = list(_times_in(frame)), model.wall(ev.t)
+    else:
+        return
+    skew = float(model.limits.get("clock_skew_ms", 300_000)) / 1000.0
+    for field, value, item in found:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue  # absent or ill-typed: frames_match_schema reports it
+        low, high = UNIX_2000, UNIX_2100  # all that is known without the client's clock (a recorded history)
+        if now is not None:
+            high = now + skew
+            if field == "server_time":
+                low = now - skew
+            msg = model.msgs.get(item) if isinstance(item, str) else None
+            thread = model.threads.get(item) if isinstance(item, str) else None
+            asked = msg.invoke_t if msg is not None else thread.asked_t if thread is not None else None
+            if asked is not None:
+                low = max(low, asked + (now - ev.t) - skew)  # no older than the request that made it
+        if not low <= value <= high:
+            clock = f"the client's clock said {now:.3f}" if now is not None else "no client clock was recorded"
+            yield Violation("protocol", f"{field} {value!r} is not Unix seconds of when it happened: {clock} "
+                                        f"(allowed skew {skew:g} s)",
+                            {**_where(model, ev), "field": field, "value": value, "item": item,
+                             "client_time": now, "allowed": [low, high], "frame": frame.raw if frame else None})
+            return
+
+
+@register("protocol")
+def closes_only_for_too_large(model: Model, ev: Event, frame: Frame | None) -> Iterator[Violation]:
+    """The server closes a connection only after too_large (1009) or when shutting down (1001)."""
+    if not (ev.kind == "info" and ev.op == "closed" and ev.conn in model.conns):
+        return
+    conn = model.conns[ev.conn]
+    if not str(ev.data.get("reason", "")).startswith("closed by the server") or conn.closing_1009:
+        return  # the suite closed it, or oversize_closes_1009 judges the close
+    if ev.data.get("code") in (1001, 1006, None):
+        return  # going away (a server shutting down), or dropped without a close frame: answered_in_time's
+    if model.crash_t is not None and conn.opened_t is not None and conn.opened_t <= model.crash_t:
+        return  # the suite killed the server under it
+    yield Violation("protocol", f"the server closed the connection (code {ev.data.get('code')!r}) without a too_large "
+                                "error or a shutdown: an error closes the connection only for too_large",
+                    {**_where(model, ev), "close": dict(ev.data), "opened_t": conn.opened_t})
+
+
 @register("protocol")
 def replies_as_predicted(model: Model, ev: Event, frame: Frame | None) -> Iterator[Violation]:
     """Each reply's fields are what the request and the model predict: its thread, fresh ids, its tenant's assistant."""
@@ -587,7 +758,14 @@ def right_outcome(model: Model, ev: Event, frame: Frame | None) -> Iterator[Viol
         return
     got = "ok" if ev.kind == "ok" else (frame.data.get("code") if frame is not None else "error")
     if got == "rate_limited":
-        return  # a legitimate answer when too much is in flight; the suite stays far below 64
+        # Legitimate only past the service's allowance of requests in flight (v1: at least 64).
+        allowed = model.adapter.limits.max_in_flight
+        if req.in_flight <= allowed:
+            yield Violation("protocol", f"{req.type} got rate_limited with {req.in_flight} requests in flight on its "
+                                        f"connection; the protocol allows it only past {allowed}",
+                            {**_where(model, ev), "request": req.req_id, "in_flight": req.in_flight,
+                             "allowed": allowed, "frame": frame.raw if frame is not None else None})
+        return
     if got not in req.accepts:
         yield Violation("protocol", f"{req.type} got {got!r}; the protocol requires {' or '.join(sorted(req.accepts))}",
                         {**_where(model, ev), "request": req.req_id,

@@ -86,7 +86,7 @@ MAX_CRASHES = 1
 #: whole examples on cheap rules that need no bundle (a refused token, a bad
 #: frame) and rarely reaches the messages and reads where tenants interact.
 BUDGET = {"bad_token": 2, "bad_frame": 3, "bad_name": 2, "add_tenant": 2, "leave_joined": 4, "disconnect": 2,
-          "settle": 3, "join_sibling": 5, "crowd": 2, "rejoin": 3}
+          "settle": 3, "join_sibling": 5, "crowd": 2, "rejoin": 3, "pipeline": 1}
 #: Instructions of a start_agent: none, any text, or text an attacker sends.
 INSTRUCTIONS = st.one_of(st.none(), st.text(st.characters(exclude_categories=("Cs",)), max_size=60),
                          st.sampled_from(HOSTILE))
@@ -652,11 +652,14 @@ class TenantMachine(RuleBasedStateMachine):
         elif self._open(conn, threads[i % len(threads)]):
             self._send(conn, threads[i % len(threads)], self._marker_content(plan), plan)
 
-    @rule(conn=conns, i=st.integers(0, 7), plans=st.lists(contents(), min_size=2, max_size=4))
+    @rule(conn=conns, i=st.integers(0, 7), plans=st.lists(contents(), min_size=2, max_size=4),
+          then_leave=st.sampled_from([False, False, False, True]))
     @recorded
-    def chat(self, conn: ConnRef, i: int, plans: list[ContentPlan]) -> None:
+    def chat(self, conn: ConnRef, i: int, plans: list[ContentPlan], then_leave: bool = False) -> None:
         """Type several messages in a row without waiting for the replies (they queue behind each
-        other in the thread), as people do: messages are most of what a service carries."""
+        other in the thread), as people do: messages are most of what a service carries. With
+        ``then_leave`` the user leaves the thread right after (moves on to another one): the
+        replies still come to this connection, with ``re``."""
         threads = self._talkable(conn)
         if not threads:
             self.outcome = f"{conn.name} has no thread to talk in"
@@ -667,13 +670,54 @@ class TenantMachine(RuleBasedStateMachine):
         sends = [(self.session.next_req_id(), {"thread_id": thread.thread_id, "content": self._marker_content(plan)})
                  for plan in plans]
 
+        leave = then_leave and self.has("leave_thread") and thread in self.joined.get(conn.name, [])
+
         async def in_a_row() -> None:  # one call into the driver's loop for all of them
             for rid, fields in sends:
                 await self.driver.send(conn.name, "user_message", rid, fields)
+            if leave:
+                pending = await self.driver.send(conn.name, "leave_thread", self.session.next_req_id(),
+                                                 {"thread_id": thread.thread_id})
+                if pending is not None:
+                    await self.driver.wait(pending)
 
         self._call(in_a_row)
-        event(f"chat of {len(plans)}")
+        event(f"chat of {len(plans)}" + (", then leave" if leave else ""))
         self.outcome = f"{conn.name} sent {len(plans)} messages in a row to {thread.name}"
+        if leave:
+            self.joined[conn.name].remove(thread)
+            self.outcome += ", and left it"
+
+    @precondition(within_budget("pipeline"))
+    @rule(conn=conns, n=st.integers(16, 64), i=st.integers(0, 7))
+    @recorded
+    def pipeline(self, conn: ConnRef, n: int, i: int) -> None:
+        """Send ``n`` reads on one connection at once without waiting, as a client restoring its view
+        does (each thread's history, the thread list): the protocol lets 64 be in flight on a connection."""
+        if not self._open(conn):
+            return
+        mine = [t for t in self.thread_list if t.thread_id is not None and not self._crosses(conn, t)]
+        reads: list[tuple[str, dict[str, Any]]] = []
+        if self.has("get_history"):
+            reads += [("get_history", {"thread_id": t.thread_id}) for t in mine]
+        reads += [(op, {}) for op in ("list_threads", "ping") if self.has(op)]
+        if not reads:
+            self.outcome = f"{conn.name} has nothing to read"
+            return
+        ops = [(self.session.next_req_id(), *reads[(i + k) % len(reads)]) for k in range(n)]
+
+        async def all_at_once() -> int:
+            t = time.monotonic()
+            pendings = [await self.driver.send(conn.name, kind, rid, fields, t) for rid, kind, fields in ops]
+            answered = 0
+            for pending in pendings:
+                if pending is not None and await self.driver.wait(pending) is not None:
+                    answered += 1
+            return answered
+
+        answered = self._call(all_at_once)
+        event(f"pipeline of {n}")
+        self.outcome = f"{conn.name} sent {n} reads at once; {answered} answered"
 
     @rule(conn=conns, thread=st.integers(0, 15), limit=history_limits())
     @recorded
@@ -890,6 +934,12 @@ class TenantMachine(RuleBasedStateMachine):
     def crash_and_restart(self) -> None:
         """SIGKILL the server mid-flight, start it again on the same storage."""
         s = self.session
+        # Its clients come back, as real ones do: every connection of the example open at the
+        # kill reconnects under its own name, as the same user the same way, and joins its
+        # threads again, so the rest of the example talks across the restart (not only the
+        # connections opened after it).
+        back = [(name, c.tenant, c.user, c.via) for name, c in self.driver.conns.items()
+                if c.open and name.startswith("c")]
         self._call(self.driver.note, "crash", None, {"url": s.target.url})
         self.crashes += 1
         s.target.kill()
@@ -899,7 +949,50 @@ class TenantMachine(RuleBasedStateMachine):
         self.driver.url = s.target.url
         self._call(self.driver.note, "restart", None, {"url": s.target.url})
         event("crash and restart")
-        self.outcome = f"server killed and restarted at {s.target.url}"
+        again = self._reconnect(back)
+        self.outcome = (f"server killed and restarted at {s.target.url}; "
+                        f"{', '.join(again) or 'nothing'} reconnected")
+
+    def _reconnect(self, back: list[tuple[str, str, str, str]]) -> list[str]:
+        """Open each (name, tenant, user, via) again at once, then join its threads again; the names
+        that opened."""
+        tokens = [self._credential(tenant, user) for _, tenant, user, _ in back]
+
+        refused: list[tuple[int, Refused]] = []
+
+        async def arrive() -> list[str]:
+            opened: list[str] = []
+
+            async def one(i: int) -> None:
+                name, tenant, user, via = back[i]
+                result = await self.driver.connect(name, tenant, user, tokens[i], via)
+                if isinstance(result, Refused):
+                    refused.append((i, result))
+                else:
+                    opened.append(name)
+
+            async with trio.open_nursery() as n:
+                for i in range(len(back)):
+                    n.start_soon(one, i)
+            if self.has("join_thread"):
+                pendings = []
+                for name in sorted(opened):
+                    for thread in self.joined.get(name, []):
+                        if thread.thread_id is not None:
+                            pendings.append(await self.driver.send(name, "join_thread", self.session.next_req_id(),
+                                                                   {"thread_id": thread.thread_id}))
+                for pending in pendings:
+                    if pending is not None:
+                        await self.driver.wait(pending)
+            return sorted(opened)
+
+        opened = self._call(arrive) if back else []
+        for i, result in sorted(refused, key=lambda r: r[0]):
+            name, tenant, user, via = back[i]
+            self.checker.record(Violation("liveness", f"a valid token was refused at the handshake ({result.reason})",
+                                          {"connection": name, "tenant": tenant, "user": user, "via": via},
+                                          check="valid_token_accepted"))
+        return opened
 
     # -- invariants ------------------------------------------------------------------
     #

@@ -15,6 +15,7 @@ state, so a replayed history is checked the same way.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,6 +26,15 @@ from partywall.history import Event
 from partywall.markers import Registry, markers_in
 
 ID_FIELDS = ("thread_id", "message_id", "agent_id", "assistant_id", "connection_id")
+
+_TRAILING_DIGITS = re.compile(r"(.*?)([0-9]{1,18})")
+
+
+def id_number(value: str) -> tuple[str, int] | None:
+    """An id's stem and its trailing digits as a number (``thread-12`` -> ``("thread-", 12)``), or
+    None when it does not end in digits. Random ids almost never share a stem; counters always do."""
+    match = _TRAILING_DIGITS.fullmatch(value)
+    return (match.group(1), int(match.group(2))) if match else None
 
 
 @attrs.define(eq=False)
@@ -43,6 +53,8 @@ class ConnState:
     """Errors without ``re`` the suite provoked (a binary frame, invalid JSON) and still expects."""
     closing_1009: bool = False
     too_large_seen: bool = False
+    in_flight: int = 0
+    """Requests sent on it and not yet finally answered (as the client sees it: never fewer than the server counts)."""
 
 
 @attrs.define(eq=False)
@@ -57,6 +69,8 @@ class Req:
     """Outcomes the protocol allows: ``ok`` and/or error codes."""
     step: int | None = None
     """The state-machine step that sent it: the cause of whatever goes wrong with it."""
+    in_flight: int = 1
+    """Its connection's requests in flight when it was sent, itself included."""
     acked: str | None = None
     ack_t: float | None = None
     chunks: dict[int, str] = attrs.field(factory=dict)
@@ -66,6 +80,8 @@ class Req:
     outcome: str | None = None
     """ok, an error code, info (unknown), or None while in flight."""
     done_t: float | None = None
+    startup_ms: Any = None
+    """For start_agent: the server's own measure of the start, as agent_started said it."""
     expect_history: list[Msg] | None = None
     expect_threads: set[str] | None = None
     expect_counts: dict[str, int] = attrs.field(factory=dict)
@@ -93,6 +109,10 @@ class ThreadState:
     assistant: str
     owner: str
     """The user who opened it."""
+    asked_t: float = 0.0
+    """When its start_agent was sent."""
+    started_t: float = 0.0
+    """When its agent_started arrived."""
     msgs: list[Msg] = attrs.field(factory=list)
     """Committed messages the suite knows of, in the order it learned of them."""
 
@@ -145,6 +165,18 @@ class Model:
         """req_id -> the probe it belongs to (foreign id vs nonexistent id)."""
         self.probe_replies: dict[str, dict[str, Any]] = {}
         self.crashes = 0
+        self.crash_t: float | None = None
+        """When the suite last killed the server (its connections were closed by that)."""
+        self.wall_offset: float | None = None
+        """The client's wall clock minus ``time.monotonic()``, from the last connect: server times
+        (Unix seconds) are compared with event times through it."""
+        self.turn_reqs: dict[str, list[Req]] = {}
+        """thread id -> the user_message requests sent to it, in order."""
+        self.response_contents: dict[str, str] = {}
+        """reply message id -> the content of the first copy of its agent_response received (own or fan-out)."""
+        self.id_numbers: dict[tuple[str, str], dict[int, str]] = {}
+        """(id field, the text before an id's trailing digits) -> those digits as a number -> the id:
+        ids that count up share a stem."""
         self.samples: dict[str, list[float]] = {}
         """Latencies in ms per operation, for the timing percentiles."""
 
@@ -279,13 +311,17 @@ class Model:
             if ev.data.get("readable") is not True:
                 conn.unsolicited_errors += 1
             if ev.req_id is not None:
+                # Counted in flight too: a server may count a malformed request until it answers it.
+                conn.in_flight += 1
                 self.reqs[ev.req_id] = Req(ev.req_id, ev.conn, "raw:" + str(ev.data.get("note")), {}, ev.t, ev.seq,
-                                           frozenset({str(ev.data.get("expect"))}), ev.step)
+                                           frozenset({str(ev.data.get("expect"))}), ev.step, in_flight=conn.in_flight)
             return
         if ev.req_id is None:
             return
         fields = dict(ev.data)
-        req = Req(ev.req_id, ev.conn, ev.op, fields, ev.t, ev.seq, self.accepts_for(ev.conn, ev.op, fields), ev.step)
+        self.conns[ev.conn].in_flight += 1
+        req = Req(ev.req_id, ev.conn, ev.op, fields, ev.t, ev.seq, self.accepts_for(ev.conn, ev.op, fields), ev.step,
+                  in_flight=self.conns[ev.conn].in_flight)
         for marker in markers_in(str(fields.get("content", ""))):
             self.claim(marker, ev.conn, "marker", f"{ev.conn} request {ev.req_id}")
         if ev.op == "get_history" and isinstance(fields.get("thread_id"), str):
@@ -297,9 +333,15 @@ class Model:
             party = self.party_of(ev.conn)
             req.expect_threads = {t for t, s in self.threads.items() if self.thread_party(s) == party}
             req.expect_counts = {t: len(self.expected_history(t, ev.t)) for t in req.expect_threads}
+        if ev.op == "user_message" and isinstance(fields.get("thread_id"), str):
+            self.turn_reqs.setdefault(fields["thread_id"], []).append(req)
         if ev.op == "join_thread" and "ok" in req.accepts:
             self._join(ev.conn, fields["thread_id"], ev.t)
         self.reqs[ev.req_id] = req
+
+    def wall(self, t: float) -> float | None:
+        """The client's wall clock at event time ``t``, when a connect recorded it."""
+        return None if self.wall_offset is None else t + self.wall_offset
 
     def _join(self, conn: str, thread: str, t: float) -> None:
         spans = self.members.setdefault((conn, thread), [])
@@ -318,6 +360,9 @@ class Model:
         conn = self.conns[ev.conn]
         for field, value in self.ids_in(frame.data):
             self.claim(value, ev.conn, field, f"{ev.conn} frame #{ev.seq}")
+            counted = id_number(value)
+            if counted is not None:
+                self.id_numbers.setdefault((field, counted[0]), {}).setdefault(counted[1], value)
         data = frame.data
         ftype = frame.type
         if ftype == "error" and frame.re is None and conn.unsolicited_errors:
@@ -326,6 +371,8 @@ class Model:
             conn.too_large_seen = True
         if frame.re in self.probes:
             self.probe_replies[frame.re] = dict(data)
+        if ftype == "agent_response" and isinstance(data.get("message_id"), str) and isinstance(data.get("content"), str):
+            self.response_contents.setdefault(data["message_id"], data["content"])
         req = self.reqs.get(frame.re) if frame.re is not None else None
         if req is not None and req.conn == ev.conn:
             self._on_reply(req, ev, frame)
@@ -358,9 +405,10 @@ class Model:
             name, assistant_id = req.fields.get("assistant"), data.get("assistant_id")
             if isinstance(name, str) and isinstance(assistant_id, str):
                 self.assistants.setdefault((tenant, name), assistant_id)
+            req.startup_ms = data.get("startup_ms")
             if isinstance(thread, str):
                 self.threads.setdefault(thread, ThreadState(thread, tenant, str(req.fields.get("assistant")),
-                                                            self.conns[req.conn].user))
+                                                            self.conns[req.conn].user, req.t, ev.t))
                 self._join(req.conn, thread, req.t)
         elif ftype == "left" and isinstance(data.get("thread_id"), str):
             self._leave(req.conn, data["thread_id"], ev.t)
@@ -398,6 +446,8 @@ class Model:
             return
         req.outcome = outcome
         req.done_t = ev.t
+        if req.conn in self.conns:
+            self.conns[req.conn].in_flight -= 1
         if outcome == "ok" and "latency_ms" in ev.data:
             self.samples.setdefault(req.type, []).append(float(ev.data["latency_ms"]))
         if req.type == "join_thread" and outcome != "ok":
@@ -406,6 +456,8 @@ class Model:
                 self._leave(req.conn, thread, ev.t)
 
     def _on_ok(self, ev: Event, frame: Frame | None) -> None:
+        if ev.op == "connect" and isinstance(ev.data.get("wall_s"), float):
+            self.wall_offset = ev.data["wall_s"] - ev.t
         if ev.op == "connect" and ev.conn in self.conns:
             conn = self.conns[ev.conn]
             conn.open = True
@@ -435,6 +487,7 @@ class Model:
                 self.probes[ev.data[key]] = dict(ev.data)
         elif ev.op == "crash":
             self.crashes += 1
+            self.crash_t = ev.t
             for conn in self.conns.values():
                 conn.closing_1009 = False  # a killed server closes nothing cleanly: 1006 is all there is
         elif ev.req_id is not None and ev.op != "timeout":

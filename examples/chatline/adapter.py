@@ -51,7 +51,7 @@ ITEM = {"msg": ("message_id", str), "by": ("role", str), "text": ("content", str
 class ChatlineAdapter(Adapter):
     name = "chatline"
     operations: ClassVar[frozenset[str]] = frozenset({"start_agent", "user_message", "get_history"})
-    limits: ClassVar[Limits] = Limits(max_id=40, max_content=8000, max_frame_in=131_072)
+    limits: ClassVar[Limits] = Limits(max_id=40, max_content=8000, max_frame_in=131_072, max_in_flight=32)
     semantics: ClassVar[Semantics] = Semantics(thread_scope="user", fanout="owner")
     history_limit: ClassVar[bool] = False
     credential_ways: ClassVar[dict[str, str]] = {"header": "the chatline_session cookie",

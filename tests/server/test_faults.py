@@ -570,3 +570,193 @@ def test_fault_query_wins_takes_the_query_token_over_the_header(
     refused = {"Authorization": "Bearer " + make_token(key="not-the-secret")}
     assert raw_handshake(server, "/ws?" + query, refused)[0] == 101
     assert raw_handshake(fast_server, "/ws?" + query, refused)[0] == 401
+
+
+def test_fault_threads_newest_first_lists_the_latest_thread_first(
+    start_server: Any, fast_server: ServerProcess, tenant: str
+) -> None:
+    server = start_server(*FAST, "--fault", "threads_newest_first")
+
+    async def listed(target: ServerProcess) -> tuple[list[str], list[str]]:
+        async with open_client(target, tenant + "-order") as client:
+            started = [await new_thread(client) for _ in range(3)]
+            threads = await client.call("list_threads", "threads")
+            return started, [t["thread_id"] for t in threads["threads"] if t["thread_id"] in started]
+
+    async def main() -> None:
+        started, order = await listed(server)
+        assert order == started[::-1]
+        started, order = await listed(fast_server)
+        assert order == started
+
+    run(main)
+
+
+def test_fault_created_at_millis_stamps_milliseconds(
+    start_server: Any, fast_server: ServerProcess, tenant: str
+) -> None:
+    server = start_server(*FAST, "--fault", "created_at_millis")
+
+    async def stamps(target: ServerProcess) -> list[float]:
+        async with open_client(target, tenant + "-clock") as client:
+            thread_id = await new_thread(client)
+            await client.turn(thread_id, "when?")
+            history = await client.call("get_history", "history", thread_id=thread_id)
+            threads = await client.call("list_threads", "threads")
+            listed = [t["created_at"] for t in threads["threads"] if t["thread_id"] == thread_id]
+            return [m["created_at"] for m in history["messages"]] + listed
+
+    async def main() -> None:
+        now = time.time()
+        assert all(abs(t / 1000.0 - now) < 60 for t in await stamps(server))
+        assert all(abs(t - now) < 60 for t in await stamps(fast_server))
+
+    run(main)
+
+
+def test_fault_counter_thread_ids_numbers_threads(start_server: Any, fast_server: ServerProcess, tenant: str) -> None:
+    server = start_server(*FAST, "--fault", "counter_thread_ids")
+
+    async def ids(target: ServerProcess) -> list[str]:
+        async with open_client(target, tenant + "-a") as a, open_client(target, tenant + "-b") as b:
+            return [await new_thread(a), await new_thread(b), await new_thread(a)]
+
+    async def main() -> None:
+        first, second, third = await ids(server)
+        assert (first, second, third) == ("thread-1", "thread-2", "thread-3")  # across tenants, one count
+        assert not any(i.startswith("thread-") for i in await ids(fast_server))
+
+    run(main)
+
+
+def test_fault_startup_in_microseconds_reports_a_thousand_times_the_start(start_server: Any, tenant: str) -> None:
+    server = start_server("--startup-ms", "30:30", "--fault", "startup_in_microseconds")
+    clean = start_server("--startup-ms", "30:30")
+
+    async def said_and_waited(target: ServerProcess) -> tuple[float, float]:
+        async with open_client(target, tenant) as client:
+            began = time.monotonic()
+            started = await client.call("start_agent", "agent_started", assistant="helper")
+            return float(started["startup_ms"]), (time.monotonic() - began) * 1000.0
+
+    async def main() -> None:
+        said, waited = await said_and_waited(server)
+        assert said > 20 * waited  # about 30,000 "ms" for a start the client saw take about 30
+        said, waited = await said_and_waited(clean)
+        assert 25 <= said <= waited
+
+    run(main)
+
+
+def test_fault_binary_closes_1003_closes_after_the_error(start_server: Any, fast_server: ServerProcess) -> None:
+    server = start_server(*FAST, "--fault", "binary_closes_1003")
+
+    async def after_binary(target: ServerProcess) -> tuple[str, int | None]:
+        async with open_client(target) as client:
+            await client.send(b"\x00\xff")
+            error = await client.wait_for(lambda f: f.get("type") == "error")
+            if target is server:
+                return error["code"], await client.wait_closed()
+            pong = await client.call("ping", "pong")
+            return error["code"], None if pong["type"] == "pong" else -1
+
+    async def main() -> None:
+        assert await after_binary(server) == ("bad_request", 1003)
+        assert await after_binary(fast_server) == ("bad_request", None)
+
+    run(main)
+
+
+def test_fault_leave_only_mutes_lets_a_connection_post_after_leaving(
+    start_server: Any, fast_server: ServerProcess, tenant: str
+) -> None:
+    server = start_server(*FAST, "--fault", "leave_only_mutes")
+
+    async def after_leaving(target: ServerProcess) -> str:
+        async with open_client(target, tenant + "-mute") as client:
+            thread_id = await new_thread(client)
+            await client.call("leave_thread", "left", thread_id=thread_id)
+            answer = await client.call("user_message", thread_id=thread_id, content="still here?")
+            return answer["type"] if answer["type"] != "error" else answer["code"]
+
+    async def main() -> None:
+        assert await after_leaving(server) == "ack"
+        assert await after_leaving(fast_server) == "bad_request"
+
+    run(main)
+
+
+def test_fault_leave_stops_own_turn_drops_the_requesters_reply(
+    start_server: Any, fast_server: ServerProcess, tenant: str
+) -> None:
+    server = start_server(*PACED, "--fault", "leave_stops_own_turn")
+    clean = start_server(*PACED)
+
+    async def leave_mid_turn(target: ServerProcess) -> list[str]:
+        async with open_client(target, tenant + "-away") as client:
+            thread_id = await new_thread(client)
+            request_id = await client.request("user_message", thread_id=thread_id, content="bye")
+            await client.reply(request_id, "ack")
+            await client.call("leave_thread", "left", thread_id=thread_id)  # the turn streams for 240 ms
+            await trio.sleep(0.6)
+            return [f["type"] for f in client.frames if f.get("re") == request_id]
+
+    async def main() -> None:
+        assert "agent_response" not in await leave_mid_turn(server)
+        assert (await leave_mid_turn(clean))[-1] == "agent_response"
+
+    run(main)
+
+
+def test_fault_fanout_trims_content_changes_the_watchers_copy(start_server: Any, tenant: str) -> None:
+    server = start_server(*FAST, "--fault", "fanout_trims_content")
+
+    async def main() -> None:
+        async with open_client(server, tenant, "alice") as alice, open_client(server, tenant, "bob") as bob:
+            thread_id = await new_thread(alice)
+            await bob.call("join_thread", "joined", thread_id=thread_id)
+            await alice.turn(thread_id, "  spaced out  ")
+            copy = await bob.wait_for(lambda f: f.get("type") == "thread_message")
+            assert copy["content"] == "spaced out"
+            history = await bob.call("get_history", "history", thread_id=thread_id)
+            assert history["messages"][0]["content"] == "  spaced out  "
+
+    run(main)
+
+
+def test_fault_assistant_id_is_agent_id_gives_one_assistant_many_ids(
+    start_server: Any, fast_server: ServerProcess, tenant: str
+) -> None:
+    server = start_server(*FAST, "--fault", "assistant_id_is_agent_id")
+
+    async def two_starts(target: ServerProcess) -> list[dict[str, Any]]:
+        async with open_client(target, tenant + "-ids") as client:
+            return [await client.call("start_agent", "agent_started", assistant="bot") for _ in range(2)]
+
+    async def main() -> None:
+        first, second = await two_starts(server)
+        assert first["assistant_id"] == first["agent_id"] and first["assistant_id"] != second["assistant_id"]
+        first, second = await two_starts(fast_server)
+        assert first["assistant_id"] == second["assistant_id"] != first["agent_id"]
+
+    run(main)
+
+
+def test_fault_rate_limit_8_refuses_the_ninth_request_in_flight(
+    start_server: Any, fast_server: ServerProcess, tenant: str
+) -> None:
+    server = start_server("--startup-ms", "100:100", "--fault", "rate_limit_8")
+    clean = start_server("--startup-ms", "100:100")
+
+    async def twelve_starts(target: ServerProcess) -> list[str]:
+        """The answers to 12 start-ups sent at once (each takes 100 ms): a type, or an error's code."""
+        async with open_client(target, tenant + "-busy") as client:
+            ids = [await client.request("start_agent", assistant="bot") for _ in range(12)]
+            answers = [await client.reply(i) for i in ids]
+            return [a["code"] if a["type"] == "error" else a["type"] for a in answers]
+
+    async def main() -> None:
+        assert await twelve_starts(server) == ["agent_started"] * 8 + ["rate_limited"] * 4
+        assert await twelve_starts(clean) == ["agent_started"] * 12
+
+    run(main)

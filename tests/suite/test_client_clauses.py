@@ -21,9 +21,9 @@ def test_client_accepts_a_16_mib_frame() -> None:
     s.start("c0", "r0", "T1")
     s.turn("c0", "r1", "T1", "x" * 16_000, "m1", "m2")
     big = {"type": "history", "re": "r2", "thread_id": "T1", "messages": [
-        {"message_id": "m1", "role": "user", "user": "alice", "content": "x" * 16_000, "created_at": 1.0},
-        {"message_id": "m2", "role": "assistant", "content": "echo: " + "x" * 16_000, "created_at": 1.1}]
-        + [{"message_id": f"old{i}", "role": r, "user": "alice", "content": "y" * 16_000, "created_at": 0.5}
+        {"message_id": "m1", "role": "user", "user": "alice", "content": "x" * 16_000, "created_at": 1764000001.0},
+        {"message_id": "m2", "role": "assistant", "content": "echo: " + "x" * 16_000, "created_at": 1764000001.1}]
+        + [{"message_id": f"old{i}", "role": r, "user": "alice", "content": "y" * 16_000, "created_at": 1764000000.5}
            for i, r in zip(range(1050), ["user", "assistant"] * 525, strict=True)]}
     raw = json.dumps(big)
     assert len(raw.encode()) >= 16 * 1024 * 1024
@@ -37,7 +37,7 @@ def test_client_ignores_unknown_fields() -> None:
     s = Sim()
     s.connect("c0", "acme", welcome={"region": "eu-west", "features": ["x"]})
     s.request("c0", "r1", "ping")
-    s.reply("c0", "r1", {"type": "pong", "server_time": 2.0, "load": 0.3}, final="ok")
+    s.reply("c0", "r1", {"type": "pong", "server_time": 1764000002.0, "load": 0.3}, final="ok")
     assert s.found() == []
 
 

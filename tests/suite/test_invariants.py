@@ -25,11 +25,17 @@ M2 = "PWMabcdef0000002Z"
 
 
 class Sim:
-    def __init__(self, limits: dict[str, Any] | None = None, adapter: Adapter | None = None) -> None:
+    def __init__(self, limits: dict[str, Any] | None = None, adapter: Adapter | None = None,
+                 readable_ids: bool = True) -> None:
         self.history = History()
         self.adapter = adapter if adapter is not None else Adapter()
         self.model = Model(limits=limits, adapter=self.adapter)
-        self.checker = Checker(self.model, INVARIANTS.select(), self.history)
+        checks = INVARIANTS.select()
+        if readable_ids:
+            # These histories name ids for their reader (m1, m2, T1, cid-c0): counters, which
+            # ids_are_opaque rightly flags. Its own tests use random ids and keep it on.
+            checks = [c for c in checks if c.fn.__name__ != "ids_are_opaque"]
+        self.checker = Checker(self.model, checks, self.history)
         self.t = 0.0
 
     def ev(self, kind: str, op: str, conn: str | None = None, req_id: str | None = None,
@@ -45,7 +51,7 @@ class Sim:
         """Open ``conn`` with a token for ``tenant``/``user``; ``welcome`` overrides fields of the server's welcome."""
         self.ev("invoke", "connect", conn, data={"tenant": tenant, "user": user, "via": "header", "token_kind": token_kind})
         welcome = {"type": "welcome", "protocol": 1, "tenant": tenant, "user": user, "connection_id": f"cid-{conn}",
-                   "server_time": 1.0, **(welcome or {})}
+                   "server_time": 1764000001.0, **(welcome or {})}
         self.ev("frame", "welcome", conn, frame=welcome)
         self.ev("ok", "connect", conn, data={"welcome": welcome, "latency_ms": 1.0})
 
@@ -99,8 +105,8 @@ def test_invariants_silent_on_a_correct_history() -> None:
     s = two_tenants_with_a_turn()
     s.request("c0", "r2", "get_history", thread_id="T1")
     s.reply("c0", "r2", {"type": "history", "thread_id": "T1", "messages": [
-        {"message_id": "m1", "role": "user", "user": "alice", "content": f"{M1} hello", "created_at": 1.0},
-        {"message_id": "m2", "role": "assistant", "content": f"echo: {M1} hello", "created_at": 1.1}]}, final="ok")
+        {"message_id": "m1", "role": "user", "user": "alice", "content": f"{M1} hello", "created_at": 1764000001.0},
+        {"message_id": "m2", "role": "assistant", "content": f"echo: {M1} hello", "created_at": 1764000001.1}]}, final="ok")
     s.ev("info", "probe", "c1", data={"foreign": "p1", "absent": "p2", "request": "get_history", "thread": "th0", "owner_tenant": "acme"})
     not_found = {"type": "error", "code": "not_found", "message": "No thread with that id exists for this tenant."}
     s.request("c1", "p1", "get_history", thread_id="T1")
@@ -124,7 +130,7 @@ def test_isolation_unknown_user_and_refused_token() -> None:
     s.connect("c1", "globex", "bob", token_kind="expired")
     s.request("c0", "r1", "get_history", thread_id="T9")
     s.reply("c0", "r1", {"type": "history", "thread_id": "T9", "messages": [
-        {"message_id": "x", "role": "user", "user": "mallory", "content": "", "created_at": 1.0}]})
+        {"message_id": "x", "role": "user", "user": "mallory", "content": "", "created_at": 1764000001.0}]})
     titles = [t for n, t in s.found() if n == "isolation"]
     assert any("must be refused" in t for t in titles)
     assert any("'mallory'" in t for t in titles)
@@ -140,17 +146,23 @@ def test_isolation_foreign_id_answered_differently_from_absent() -> None:
     assert any("differently" in t for n, t in s.found() if n == "isolation")
 
 
-def test_routing_fanout_after_leave_and_stray_re() -> None:
+def bob_watches_t1() -> Sim:
+    """alice (c0) starts T1 in acme, and bob (c1, acme) joins it."""
     s = Sim()
     s.connect("c0", "acme")
     s.connect("c1", "acme", "bob")
     s.start("c0", "r0", "T1")
     s.request("c1", "r1", "join_thread", thread_id="T1")
     s.reply("c1", "r1", {"type": "joined", "thread_id": "T1"}, final="ok")
+    return s
+
+
+def test_routing_fanout_after_leave_and_stray_re() -> None:
+    s = bob_watches_t1()
     s.request("c1", "r2", "leave_thread", thread_id="T1")
     s.reply("c1", "r2", {"type": "left", "thread_id": "T1"}, final="ok")
     s.reply("c1", None, {"type": "agent_chunk", "thread_id": "T1", "seq": 0, "delta": "echo"})
-    s.reply("c1", "r0", {"type": "pong", "server_time": 1.0})
+    s.reply("c1", "r0", {"type": "pong", "server_time": 1764000001.0})
     titles = [t for n, t in s.found() if n == "routing"]
     assert any("has left" in t for t in titles) and any("reached c1" in t for t in titles)
 
@@ -205,7 +217,7 @@ def test_durability_missing_and_changed_messages() -> None:
     s = two_tenants_with_a_turn()
     s.request("c0", "r2", "get_history", thread_id="T1")
     s.reply("c0", "r2", {"type": "history", "thread_id": "T1", "messages": [
-        {"message_id": "m1", "role": "user", "user": "alice", "content": "changed", "created_at": 1.0}]})
+        {"message_id": "m1", "role": "user", "user": "alice", "content": "changed", "created_at": 1764000001.0}]})
     titles = [t for n, t in s.found() if n == "durability"]
     assert any("missing" in t for t in titles) and any("different" in t for t in titles)
 
@@ -234,10 +246,10 @@ def test_ordering_two_users_in_a_row_and_reply_order() -> None:
     s.turn("c0", "r3", "T1", "second", "m3", "m4")
     s.request("c0", "r4", "get_history", thread_id="T1")
     s.reply("c0", "r4", {"type": "history", "thread_id": "T1", "messages": [
-        {"message_id": "m1", "role": "user", "user": "alice", "content": f"{M1} hello", "created_at": 1.0},
-        {"message_id": "m3", "role": "user", "user": "alice", "content": "second", "created_at": 1.2},
-        {"message_id": "m2", "role": "assistant", "content": f"echo: {M1} hello", "created_at": 1.1},
-        {"message_id": "m4", "role": "assistant", "content": "echo: second", "created_at": 1.3}]})
+        {"message_id": "m1", "role": "user", "user": "alice", "content": f"{M1} hello", "created_at": 1764000001.0},
+        {"message_id": "m3", "role": "user", "user": "alice", "content": "second", "created_at": 1764000001.2},
+        {"message_id": "m2", "role": "assistant", "content": f"echo: {M1} hello", "created_at": 1764000001.1},
+        {"message_id": "m4", "role": "assistant", "content": "echo: second", "created_at": 1764000001.3}]})
     assert "ordering" in s.names()
 
 
@@ -338,7 +350,7 @@ def listed(threads: list[str], t1_count: int = 2) -> Sim:
     counts = {"T1": t1_count, "T2": 0}
     s.request("c0", "r3", "list_threads")
     s.reply("c0", "r3", {"type": "threads", "threads": [
-        {"thread_id": t, "assistant": "helper", "created_at": 1.0, "message_count": counts[t]} for t in threads]}, final="ok")
+        {"thread_id": t, "assistant": "helper", "created_at": 1764000001.0, "message_count": counts[t]} for t in threads]}, final="ok")
     s.request("c1", "r4", "list_threads")
     s.reply("c1", "r4", {"type": "threads", "threads": []}, final="ok")
     return s
@@ -364,16 +376,16 @@ def test_durability_history_limit_returns_the_oldest() -> None:
     s.turn("c0", "r2", "T1", "second", "m3", "m4")
     s.request("c0", "r3", "get_history", thread_id="T1", limit=2)
     s.reply("c0", "r3", {"type": "history", "thread_id": "T1", "messages": [
-        {"message_id": "m1", "role": "user", "user": "alice", "content": f"{M1} hello", "created_at": 1.0},
-        {"message_id": "m2", "role": "assistant", "content": f"echo: {M1} hello", "created_at": 1.1}]}, final="ok")
+        {"message_id": "m1", "role": "user", "user": "alice", "content": f"{M1} hello", "created_at": 1764000001.0},
+        {"message_id": "m2", "role": "assistant", "content": f"echo: {M1} hello", "created_at": 1764000001.1}]}, final="ok")
     assert s.by_check() == [("durability", "history_keeps_commits",
                              "history with limit 2 left out a newer message and returned an older one")]
     s = two_tenants_with_a_turn()
     s.turn("c0", "r2", "T1", "second", "m3", "m4")
     s.request("c0", "r3", "get_history", thread_id="T1", limit=2)
     s.reply("c0", "r3", {"type": "history", "thread_id": "T1", "messages": [
-        {"message_id": "m3", "role": "user", "user": "alice", "content": "second", "created_at": 1.2},
-        {"message_id": "m4", "role": "assistant", "content": "echo: second", "created_at": 1.3}]}, final="ok")
+        {"message_id": "m3", "role": "user", "user": "alice", "content": "second", "created_at": 1764000001.2},
+        {"message_id": "m4", "role": "assistant", "content": "echo: second", "created_at": 1764000001.3}]}, final="ok")
     assert s.by_check() == []
 
 
@@ -412,12 +424,12 @@ def audited(answered: bool) -> Sim:
     s.connect("a0", "acme", "auditor")
     s.request("a0", "r4", "get_history", thread_id="T1")
     messages = [
-        {"message_id": "m1", "role": "user", "user": "alice", "content": f"{M1} hello", "created_at": 1.0},
-        {"message_id": "m2", "role": "assistant", "content": f"echo: {M1} hello", "created_at": 1.1},
-        {"message_id": "m3", "role": "user", "user": "alice", "content": "second", "created_at": 1.2},
+        {"message_id": "m1", "role": "user", "user": "alice", "content": f"{M1} hello", "created_at": 1764000001.0},
+        {"message_id": "m2", "role": "assistant", "content": f"echo: {M1} hello", "created_at": 1764000001.1},
+        {"message_id": "m3", "role": "user", "user": "alice", "content": "second", "created_at": 1764000001.2},
     ]
     if answered:
-        messages.append({"message_id": "m4", "role": "assistant", "content": "echo: second", "created_at": 1.3})
+        messages.append({"message_id": "m4", "role": "assistant", "content": "echo: second", "created_at": 1764000001.3})
     s.reply("a0", "r4", {"type": "history", "thread_id": "T1", "messages": messages}, final="ok")
     if not answered:
         s.ev("info", "audit_unanswered", "a0", data={"thread_id": "T1", "message_id": "m3", "waited_s": 10.0})
@@ -463,12 +475,8 @@ def watched(seqs: list[int], leave_after: int | None = None, next_turn: bool = F
     """c1 watches T1 (joined) while c0's turn streams its chunks to it as fan-out, in ``seqs`` order;
     with ``leave_after``, c1 leaves after that many chunks and joins again (and with ``next_turn``
     the chunks after that belong to the next turn, which opens with its thread_message)."""
-    s = Sim()
-    s.connect("c0", "acme")
-    s.connect("c1", "acme", "bob")
-    s.start("c0", "r0", "T1")
-    s.request("c1", "j1", "join_thread", thread_id="T1")
-    s.reply("c1", "j1", {"type": "joined", "thread_id": "T1"}, final="ok")
+    s = bob_watches_t1()
+    s.request("c0", "u1", "user_message", thread_id="T1", content="hi")
     s.reply("c1", None, {"type": "thread_message", "thread_id": "T1", "message_id": "m1", "role": "user",
                          "user": "alice", "content": "hi"})
     for n, seq in enumerate(seqs):
@@ -478,6 +486,7 @@ def watched(seqs: list[int], leave_after: int | None = None, next_turn: bool = F
             s.request("c1", "j2", "join_thread", thread_id="T1")
             s.reply("c1", "j2", {"type": "joined", "thread_id": "T1"}, final="ok")
             if next_turn:
+                s.request("c0", "u2", "user_message", thread_id="T1", content="again")
                 s.reply("c1", None, {"type": "thread_message", "thread_id": "T1", "message_id": "m3", "role": "user",
                                      "user": "alice", "content": "again"})
         s.reply("c1", None, {"type": "agent_chunk", "thread_id": "T1", "seq": seq, "delta": f"d{seq}"})
@@ -512,7 +521,7 @@ def test_protocol_malformed_frame_answered_as_if_valid() -> None:
     s = Sim()
     s.connect("c0", "acme")
     s.ev("invoke", "raw", "c0", "r1", data={"note": "lone_surrogate", "size": 50, "readable": None, "expect": "bad_request"})
-    s.reply("c0", "r1", {"type": "pong", "server_time": 1.0})
+    s.reply("c0", "r1", {"type": "pong", "server_time": 1764000001.0})
     assert s.by_check() == [("protocol", "frames_match_schema",
                              "a malformed frame (lone_surrogate) was answered with 'pong', not an error")]
 
@@ -547,6 +556,195 @@ def test_durability_history_limit_one_returns_the_message_not_its_reply() -> Non
     s = two_tenants_with_a_turn()  # m1 and its reply m2, both known before the read
     s.request("c0", "r3", "get_history", thread_id="T1", limit=1)
     s.reply("c0", "r3", {"type": "history", "thread_id": "T1", "messages": [
-        {"message_id": "m1", "role": "user", "user": "alice", "content": f"{M1} hello", "created_at": 1.0}]}, final="ok")
+        {"message_id": "m1", "role": "user", "user": "alice", "content": f"{M1} hello", "created_at": 1764000001.0}]}, final="ok")
     assert s.by_check() == [("durability", "history_keeps_commits",
                              "history with limit 1 left out a newer message and returned an older one")]
+
+
+# -- checks of what the protocol says of ids, times, orders and closes ------------------
+
+
+def test_isolation_ids_that_count_up() -> None:
+    """Thread ids from a counter (thread-7, thread-8) are flagged on the second; random ids, and ids
+    whose trailing numbers are far apart (time-based), are not."""
+
+    def started(ids: list[str]) -> Sim:
+        s = Sim(readable_ids=False)
+        s.connect("c0", "acme", welcome={"connection_id": "Qx3v9KpLw2ZtR8mNc4Yh0A"})
+        for i, thread in enumerate(ids):
+            s.request("c0", f"r{i}", "start_agent", assistant="helper")
+            s.reply("c0", f"r{i}", {"type": "agent_started", "agent_id": f"ag{thread}x", "assistant_id": "bV7nQ2xLp9RtK4mWz8Yc1A",
+                                    "thread_id": thread, "startup_ms": 1.0})
+        return s
+
+    assert started(["thread-7", "thread-8"]).by_check() == [
+        ("isolation", "ids_are_opaque", "thread_ids count up ('thread-7', then 'thread-8'): server ids must be opaque "
+                                        "random strings, never counters")]
+    assert started(["t0K9dQ2mZ81", "Lr5WbX3yT47"]).by_check() == []
+    assert started(["th-1764000001123", "th-1764000009123"]).by_check() == []
+
+
+def clocked(times: dict[str, float], skew_ms: float = 300_000) -> Sim:
+    """c0 connects at Unix time 1,764,000,000 by the client's clock (recorded with its connect),
+    starts T1, talks in it and reads its history and its thread list; ``times`` sets the server's
+    ``server_time`` (welcome, pong) and ``created_at`` (message, thread) values."""
+    s = Sim(limits={"clock_skew_ms": skew_ms})
+    now = 1_764_000_000.0
+    welcome = {"type": "welcome", "protocol": 1, "tenant": "acme", "user": "alice", "connection_id": "cid-c0",
+               "server_time": times.get("welcome", now)}
+    s.ev("invoke", "connect", "c0", data={"tenant": "acme", "user": "alice", "via": "header", "token_kind": "valid"})
+    s.ev("frame", "welcome", "c0", frame=welcome)
+    s.ev("ok", "connect", "c0", data={"welcome": welcome, "latency_ms": 1.0, "wall_s": now + s.t})
+    s.start("c0", "r0", "T1")
+    s.turn("c0", "r1", "T1", f"{M1} hello", "m1", "m2")
+    s.request("c0", "r2", "get_history", thread_id="T1")
+    s.reply("c0", "r2", {"type": "history", "thread_id": "T1", "messages": [
+        {"message_id": "m1", "role": "user", "user": "alice", "content": f"{M1} hello", "created_at": times.get("message", now)},
+        {"message_id": "m2", "role": "assistant", "content": f"echo: {M1} hello", "created_at": now}]}, final="ok")
+    s.request("c0", "r3", "list_threads")
+    s.reply("c0", "r3", {"type": "threads", "threads": [
+        {"thread_id": "T1", "assistant": "helper", "created_at": times.get("thread", now), "message_count": 2}]}, final="ok")
+    s.request("c0", "r4", "ping")
+    s.reply("c0", "r4", {"type": "pong", "server_time": times.get("pong", now)}, final="ok")
+    return s
+
+
+@pytest.mark.parametrize(("field", "value", "says"), [
+    ("message", 1_764_000_000_123.0, "created_at 1764000000123.0"),  # milliseconds
+    ("thread", 86_400.5, "created_at 86400.5"),  # seconds since the server's boot
+    ("pong", 1_764_000_000.0 - 3600, "server_time 1763996400.0"),  # an hour off: local time as UTC
+    ("welcome", 1_764_000_000.0 + 3600, "server_time 1764003600.0"),
+    ("message", 1_764_000_000.0 - 600, "created_at 1763999400.0"),  # before it was sent
+])
+def test_protocol_times_that_are_not_unix_seconds_now(field: str, value: float, says: str) -> None:
+    found = clocked({field: value}).by_check()
+    assert [(inv, check) for inv, check, _ in found] == [("protocol", "times_are_unix_seconds")]
+    assert found[0][2].startswith(says)
+    assert clocked({}).by_check() == []
+    wide = [check for _, check, _ in clocked({field: value}, skew_ms=7_200_000).by_check()]
+    assert wide == ([] if abs(value - 1_764_000_000) < 7200 else ["times_are_unix_seconds"])
+
+
+def test_protocol_times_without_the_clients_clock_are_checked_for_range() -> None:
+    # A recorded history without the client's clock: only the range of Unix seconds is known.
+    s = Sim()
+    s.connect("c0", "acme", welcome={"server_time": 1_764_000_000_000.0})
+    assert [check for _, check, _ in s.by_check()] == ["times_are_unix_seconds"]
+    s = Sim()
+    s.connect("c0", "acme", welcome={"server_time": 12.5})
+    assert [check for _, check, _ in s.by_check()] == ["times_are_unix_seconds"]
+
+
+def listed_in_order(order: list[str], overlap: bool = False) -> Sim:
+    """c0 starts T1, then T2 (after T1's agent_started came back, or, with ``overlap``, both at once),
+    and lists its threads in ``order``."""
+    s = Sim()
+    s.connect("c0", "acme")
+    if overlap:
+        for rid in ("r0", "r1"):
+            s.request("c0", rid, "start_agent", assistant="helper")
+        for rid, thread in (("r1", "T2"), ("r0", "T1")):
+            s.reply("c0", rid, {"type": "agent_started", "agent_id": "ag-" + thread, "assistant_id": "as1",
+                                "thread_id": thread, "startup_ms": 1.0}, final="ok")
+    else:
+        s.start("c0", "r0", "T1")
+        s.start("c0", "r1", "T2")
+    s.request("c0", "r2", "list_threads")
+    s.reply("c0", "r2", {"type": "threads", "threads": [
+        {"thread_id": t, "assistant": "helper", "created_at": 1764000001.0, "message_count": 0} for t in order]}, final="ok")
+    return s
+
+
+def test_ordering_thread_list_newest_first() -> None:
+    assert listed_in_order(["T2", "T1"]).by_check() == [
+        ("ordering", "threads_in_start_order", "list_threads is not oldest first: a thread is listed before one "
+                                               "that was started before it was asked for")]
+    assert listed_in_order(["T1", "T2"]).by_check() == []
+    # Started at the same instant: either order is oldest first.
+    assert listed_in_order(["T2", "T1"], overlap=True).by_check() == []
+
+
+@pytest.mark.parametrize(("startup_ms", "client_ms", "loud"), [
+    (50.0, 60.0, False), (59.9, 60.0, False), (0, 0.4, False),
+    (60_000.0, 60.0, True),  # microseconds
+    (-1.0, 60.0, True),
+])
+def test_timing_startup_ms_outside_what_the_client_waited(startup_ms: float, client_ms: float, loud: bool) -> None:
+    s = Sim()
+    s.connect("c0", "acme")
+    s.request("c0", "r0", "start_agent", assistant="helper")
+    s.reply("c0", "r0", {"type": "agent_started", "agent_id": "ag", "assistant_id": "as1", "thread_id": "T1",
+                         "startup_ms": startup_ms})
+    s.ev("ok", "start_agent", "c0", "r0", data={"latency_ms": client_ms})
+    assert [check for _, check, _ in s.by_check()] == (["startup_within_latency"] if loud else [])
+
+
+@pytest.mark.parametrize(("code", "crashed", "loud"), [
+    (1003, False, True), (1011, False, True), (1000, False, True),
+    (1001, False, False),  # a server shutting down
+])
+def test_protocol_server_closes_a_connection_without_cause(code: int, crashed: bool, loud: bool) -> None:
+    s = Sim()
+    s.connect("c0", "acme")
+    s.ev("invoke", "raw", "c0", None, data={"note": "binary", "readable": False, "expect": "bad_request"})
+    s.ev("frame", "error", "c0", frame={"type": "error", "code": "bad_request", "message": "Binary frames are not supported."})
+    if crashed:
+        s.ev("info", "crash", None, data={"url": "ws://127.0.0.1:1/ws"})
+    s.ev("info", "closed", "c0", data={"reason": f"closed by the server (code {code})", "code": code})
+    assert s.by_check() == ([("protocol", "closes_only_for_too_large",
+                              f"the server closed the connection (code {code}) without a too_large error or a "
+                              "shutdown: an error closes the connection only for too_large")] if loud else [])
+    # Closed by the suite itself: nothing to say.
+    s = Sim()
+    s.connect("c0", "acme")
+    s.ev("info", "closed", "c0", data={"reason": "closed by the suite", "code": 1000})
+    assert s.by_check() == []
+
+
+def watched_turn(copy: dict[str, Any], reply_copy: str | None = None, ack_first: bool = True) -> Sim:
+    """bob (c1) watches T1 while alice (c0) sends a turn in it; c1 gets ``copy`` of her message as
+    fan-out (after her ack, or before it), and the reply's fan-out copy with ``reply_copy`` as content."""
+    s = bob_watches_t1()
+    content = f"{M1} hi "
+    s.request("c0", "r2", "user_message", thread_id="T1", content=content)
+    message = {"type": "thread_message", "thread_id": "T1", "message_id": "m1", "role": "user", "user": "alice",
+               "content": content, **copy}
+    if not ack_first:
+        s.reply("c1", None, message)
+    s.reply("c0", "r2", {"type": "ack", "thread_id": "T1", "message_id": "m1"})
+    if ack_first:
+        s.reply("c1", None, message)
+    s.reply("c0", "r2", {"type": "agent_chunk", "thread_id": "T1", "seq": 0, "delta": "echo: " + content})
+    s.reply("c0", "r2", {"type": "agent_response", "thread_id": "T1", "message_id": "m2", "content": "echo: " + content})
+    s.ev("ok", "user_message", "c0", "r2", data={"latency_ms": 8.0})
+    s.reply("c1", None, {"type": "agent_response", "thread_id": "T1", "message_id": "m2",
+                         "content": reply_copy if reply_copy is not None else "echo: " + content})
+    return s
+
+
+@pytest.mark.parametrize(("copy", "reply_copy", "says"), [
+    ({"content": f"{M1} hi"}, None, "a thread_message carries content that no message sent to its thread had"),
+    ({"user": "bob"}, None, "a thread_message names 'bob' as the sender of a message another user sent"),
+    ({"message_id": "m9"}, None, "a thread_message's message_id is not the one the sender's ack gave"),
+    ({}, f"echo: {M1} hi", "two copies of one agent_response carry different content"),
+])
+def test_exactly_once_a_watchers_copy_differs_from_the_turn(copy: dict[str, Any], reply_copy: str | None, says: str) -> None:
+    assert watched_turn(copy, reply_copy).by_check() == [("exactly-once", "fanout_copies_match", says)]
+    assert watched_turn({}).by_check() == []
+    assert watched_turn({}, ack_first=False).by_check() == []
+
+
+@pytest.mark.parametrize(("crashed", "oversized", "loud"), [(False, False, True), (True, False, False), (False, True, False)])
+def test_liveness_server_drops_a_connection_without_a_close_frame(crashed: bool, oversized: bool, loud: bool) -> None:
+    s = Sim()
+    s.connect("c0", "acme")
+    if oversized:
+        s.ev("invoke", "raw", "c0", None, data={"note": "oversize_16mib", "size": 16 << 20, "readable": False,
+                                               "expect": "too_large"})
+    if crashed:
+        s.ev("info", "crash", None, data={"url": "ws://127.0.0.1:1/ws"})
+    s.ev("info", "closed", "c0", data={"reason": "closed by the server (code 1006)", "code": 1006})
+    found = [(inv, check) for inv, check, _ in s.by_check()]
+    # Killed by the suite: nothing; after an oversized frame the close is oversize_closes_1009's to judge.
+    assert found == ([("liveness", "answered_in_time")] if loud else
+                     [("protocol", "oversize_closes_1009")] if oversized else [])
