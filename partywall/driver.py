@@ -95,6 +95,8 @@ class Pending:
     type: str
     t: float
     done: trio.Event = attrs.field(factory=trio.Event)
+    answered: trio.Event = attrs.field(factory=trio.Event)
+    """Set by its first answer (an ``ack``, for a message), or when it is done."""
     frames: list[Frame] = attrs.field(factory=list)
     times: list[tuple[str, float]] = attrs.field(factory=list)
     """(frame type, arrival time) of each frame that answered it, as each came off the socket."""
@@ -458,6 +460,7 @@ class Driver:
         if pending is not None and pending.conn == conn.name and not pending.done.is_set():
             pending.frames.append(frame)
             pending.times.append((frame.type or "?", t))
+            pending.answered.set()
             if self.adapter.completes(pending.type, frame):
                 done = pending
                 pending.replied = True
@@ -502,6 +505,7 @@ class Driver:
             ev = self.history.append("info", p.type, conn=conn.name, req_id=p.req_id, data={"reason": "connection closed"})
             self._observe(ev, None)
             p.done.set()
+            p.answered.set()
             del self.pending[p.req_id]
         conn.done.set()
 

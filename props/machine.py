@@ -608,13 +608,27 @@ class TenantMachine(RuleBasedStateMachine):
         thread = threads[i % len(threads)]
         if not self._open(conn, thread):
             return
+        # While a colleague talks: another connection joined to the thread (the first by name, a
+        # choice of the program, not of the server) sends a message, and the leave and the join
+        # go out the moment its ack says the turn has begun, so they fall inside its reply.
+        talkers = sorted(name for name, joined in self.joined.items() if name != conn.name and thread in joined
+                         and self.driver.conns.get(name) is not None and self.driver.conns[name].open)
+        talker = talkers[0] if talkers else None
+        content = self._marker_content(ContentPlan("short", "said while you were away")) if talker else ""
 
         async def both() -> None:
+            if talker is not None:
+                pending = await self.driver.send(talker, "user_message", self.session.next_req_id(),
+                                                 {"thread_id": thread.thread_id, "content": content})
+                if pending is not None:
+                    with trio.move_on_after(self.driver.reply_timeout_s):
+                        await pending.answered.wait()
             await self.driver.send(conn.name, "leave_thread", self.session.next_req_id(), {"thread_id": thread.thread_id})
             await self.driver.send(conn.name, "join_thread", self.session.next_req_id(), {"thread_id": thread.thread_id})
 
         self._call(both)
-        self.outcome = f"{conn.name} left and joined {thread.name} again"
+        self.outcome = (f"{conn.name} left and joined {thread.name} again"
+                        + (f" while {talker}'s turn streamed" if talker else ""))
 
     def _leave_any(self, conn: ConnRef, thread: ThreadRef) -> None:
         if not self._open(conn, thread):
