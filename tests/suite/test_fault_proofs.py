@@ -51,9 +51,10 @@ OPTION_SETS: dict[str, tuple[str, tuple[str, ...]]] = {
     # short. Turns of 20-40 ms still queue behind each other when messages come in a burst,
     # and a thread's queue of generated turns stays well inside 1.5 s (the control shows it).
     "short_reply_limit": ("--startup-ms 0:5 --chunk-delay-ms 5:10", ("--set", "reply_timeout_s=1.5")),
-    # Start-ups of 100-110 ms against a 180 ms limit: one start-up stays 70 ms below it (room
-    # for a busy machine), two at the same instant exceed it only if they run one after the
-    # other. Every generated start-up waits this long, so the delay sets the control's length.
+    # Start-ups of 100-110 ms against a 180 ms limit: one start-up stays 70 ms below it, two at
+    # the same instant exceed it only if they run one after the other. Every generated start-up
+    # waits this long, so the delay sets the control's length. Used by ci/bench_faults.py only
+    # (see serial_startup).
     "startup_limit": ("--startup-ms 100:110 --chunk-delay-ms 1:3", ("--set", "timing.start_agent_ms=180")),
 }
 
@@ -107,7 +108,10 @@ PROOFS: dict[str, Proof] = {
     "history_by_id": Proof("ordering", "history_in_commit_order", "fast", deterministic=False,
                            also=("durability/history_keeps_commits",)),
     "lost_wakeup": Proof("liveness", "answered_in_time", "short_reply_limit", deterministic=False),
-    "serial_startup": Proof("timing", "within_limits", "startup_limit", deterministic=False),
+    "serial_startup": Proof("timing", "within_limits", "startup_limit", deterministic=False,
+                            bench_only="a per-operation time limit against a machine's load: beside the other "
+                                       "worker of .ci/run, one clean start-up of 110 ms took 209 ms (its control "
+                                       "failed), and wider margins made the control outlast its time limit"),
     "content_limit_code": Proof("protocol", "frames_match_schema", "fast"),
     "alg_none": Proof("isolation", "identity_as_token", "fast"),
     "expired_accepted": Proof("isolation", "identity_as_token", "fast"),
@@ -118,7 +122,7 @@ PROOFS: dict[str, Proof] = {
     # The user's second device (the opening's c3) asks; the first one gets the reply.
     # Found the moment the reply reaches the first device, but every replay then waits out the reply
     # limit for the reply the asking device never gets: a short one keeps shrinking short.
-    "reply_to_first_device": Proof("routing", "replies_to_sender", "short_reply_limit"),
+    "reply_to_first_device": Proof("routing", "replies_to_sender", "short_reply_limit", deterministic=False),
     # The leave and the join must both fall inside a streaming turn: the rejoin rule has another
     # connection talk first and sends them on its ack, but a re-run's timing may still miss it.
     "rejoin_mid_turn": Proof("routing", "turn_whole_or_nothing", "streaming", deterministic=False),
@@ -218,13 +222,16 @@ def control(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Outcome
 def test_fault_proofs_cover_every_planted_fault() -> None:
     assert sorted(PROOFS) == sorted(FAULTS)
     # Proven by ci/bench_faults.py only: few, and each says why.
-    assert [f for f, p in PROOFS.items() if p.bench_only] == ["limit_keeps_oldest", "recovery_uncommitted"]
+    assert [f for f, p in PROOFS.items() if p.bench_only] == ["serial_startup", "limit_keeps_oldest",
+                                                              "recovery_uncommitted"]
     # Shown by the fixed opening of every example: few, and each says why.
     assert [f for f, p in PROOFS.items() if p.in_opening] == ["counter_thread_ids", "startup_in_microseconds"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("option_set", [pytest.param(name, marks=pytest.mark.xdist_group(name)) for name in OPTION_SETS])
+@pytest.mark.timeout(600)  # a whole ci profile; its length is the option set's latencies, and the machine's load
+@pytest.mark.parametrize("option_set", [pytest.param(name, marks=pytest.mark.xdist_group(name)) for name in OPTION_SETS
+                                        if any(p.option_set == name and not p.bench_only for p in PROOFS.values())])
 def test_fault_proof_control_passes_without_the_fault(control: Callable[[str], Outcome], option_set: str) -> None:
     clean = control(option_set)
     assert clean.code == 0, f"the clean server fails under {OPTION_SETS[option_set]}:\n{clean.output[-3000:]}"
@@ -233,6 +240,7 @@ def test_fault_proof_control_passes_without_the_fault(control: Callable[[str], O
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # the first proof of an option set also makes its control run
 @pytest.mark.parametrize("fault", [pytest.param(fault, marks=pytest.mark.xdist_group(proof.option_set))
                                    for fault, proof in sorted(PROOFS.items()) if not proof.bench_only])
 def test_fault_is_found_by_the_generated_suite(tmp_path: Path, fault: str, control: Callable[[str], Outcome]) -> None:
