@@ -93,9 +93,10 @@ class Proof:
 PROOFS: dict[str, Proof] = {
     # The lookup that forgets the tenant also answers a message to a foreign thread with "join first"
     # (bad_request) where an unknown thread gets not_found: the same bug, seen by right_outcome.
-    # Which of the two a re-run sees first follows the joins in flight, so a re-run may see neither.
+    # Which a re-run sees first follows the joins and probes in flight, so a re-run may see none.
+    # The same lookup also answers a probe of a foreign id unlike one of an unknown id.
     "foreign_thread_lookup": Proof("isolation", "no_foreign_data", "fast", deterministic=False,
-                                   also=("protocol/right_outcome",)),
+                                   also=("protocol/right_outcome", "isolation/foreign_like_absent")),
     "assistant_by_name": Proof("isolation", "no_foreign_data", "fast"),
     "not_found_names_owner": Proof("isolation", "foreign_like_absent", "fast"),
     "case_insensitive_user": Proof("isolation", "identity_as_token", "fast"),
@@ -166,7 +167,9 @@ PROOFS: dict[str, Proof] = {
     "fanout_trims_content": Proof("exactly-once", "fanout_copies_match", "fast", deterministic=False),
     "assistant_id_is_agent_id": Proof("protocol", "replies_as_predicted", "fast"),
     # Whether 9 requests are in flight at the server at once depends on how fast it answers them.
-    "rate_limit_8": Proof("protocol", "right_outcome", "fast", deterministic=False),
+    "rate_limit_8": Proof("protocol", "right_outcome", "fast", deterministic=False,
+                          bench_only="whether 9 reads are in flight at the server at once depends on how fast it "
+                                     "answers them: on a busy CI machine the shrunk program replayed 0 of 6 times"),
 }
 
 SECRET = "proof-secret-" + "x" * 32
@@ -223,7 +226,7 @@ def test_fault_proofs_cover_every_planted_fault() -> None:
     assert sorted(PROOFS) == sorted(FAULTS)
     # Proven by ci/bench_faults.py only: few, and each says why.
     assert [f for f, p in PROOFS.items() if p.bench_only] == ["serial_startup", "limit_keeps_oldest",
-                                                              "recovery_uncommitted"]
+                                                              "recovery_uncommitted", "rate_limit_8"]
     # Shown by the fixed opening of every example: few, and each says why.
     assert [f for f, p in PROOFS.items() if p.in_opening] == ["counter_thread_ids", "startup_in_microseconds"]
 
