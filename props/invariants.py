@@ -507,8 +507,7 @@ def answered_in_time(model: Model, ev: Event, frame: Frame | None) -> Iterator[V
     elif (ev.kind == "info" and ev.op == "closed" and ev.conn in model.conns and ev.data.get("code") in (1006, None)
           and str(ev.data.get("reason", "")).startswith("closed by the server")):
         conn = model.conns[ev.conn]
-        killed = model.crash_t is not None and conn.opened_t is not None and conn.opened_t <= model.crash_t
-        if not conn.closing_1009 and not killed:
+        if not conn.closing_1009 and not model.killed_under(ev.conn):
             yield Violation("liveness", "the server dropped the connection without closing it (no close frame): "
                                         "whatever it still owed this connection is lost",
                             {**_where(model, ev), "close": dict(ev.data), "opened_t": conn.opened_t})
@@ -697,7 +696,7 @@ def closes_only_for_too_large(model: Model, ev: Event, frame: Frame | None) -> I
         return  # the suite closed it, or oversize_closes_1009 judges the close
     if ev.data.get("code") in (1001, 1006, None):
         return  # going away (a server shutting down), or dropped without a close frame: answered_in_time's
-    if model.crash_t is not None and conn.opened_t is not None and conn.opened_t <= model.crash_t:
+    if model.killed_under(ev.conn):  # type: ignore[arg-type]
         return  # the suite killed the server under it
     yield Violation("protocol", f"the server closed the connection (code {ev.data.get('code')!r}) without a too_large "
                                 "error or a shutdown: an error closes the connection only for too_large",

@@ -339,6 +339,11 @@ class Model:
             self._join(ev.conn, fields["thread_id"], ev.t)
         self.reqs[ev.req_id] = req
 
+    def killed_under(self, conn: str) -> bool:
+        """Whether the suite killed the server while ``conn`` was open (its close is the kill's)."""
+        state = self.conns[conn]
+        return self.crash_t is not None and state.opened_t is not None and state.opened_t <= self.crash_t
+
     def wall(self, t: float) -> float | None:
         """The client's wall clock at event time ``t``, when a connect recorded it."""
         return None if self.wall_offset is None else t + self.wall_offset
