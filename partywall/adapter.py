@@ -97,6 +97,23 @@ class Limits:
     service may answer `rate_limited`: v1 servers allow at least 64."""
 
 
+@attrs.frozen
+class Refusals:
+    """How the service refuses a handshake it must not open, as HTTP answers to the upgrade.
+
+    The suite checks each refusal that came as an HTTP status against these (a service that
+    lets the socket open and refuses in its first frame, `Adapter.auth_message`, has none).
+    None accepts any status."""
+
+    other_path: int | None = 404
+    """The status for a path other than the service's, whatever credential came with it (v1:
+    "The path is checked first (404), then the token")."""
+    credential: int | None = 401
+    """The status for a credential the service must refuse, on its own path."""
+    empty_body: bool = True
+    """Whether a refused credential's answer has an empty body (v1: "HTTP 401 and an empty body")."""
+
+
 #: The kinds of malformed frame the suite sends (`Adapter.bad_frame` makes each in the service's format).
 BAD_FRAME_KINDS = (
     "invalid_json",
@@ -239,6 +256,8 @@ class Adapter:
     limits: ClassVar[Limits] = Limits()
     semantics: ClassVar[Semantics] = Semantics()
     """Threads shared in the tenant, fan-out to the connections that joined them."""
+    refusals: ClassVar[Refusals] = Refusals()
+    """The HTTP answers to a handshake the service must refuse."""
     history_limit: ClassVar[bool] = True
     """Whether get_history takes a ``limit`` (the newest N messages)."""
     credential_ways: ClassVar[dict[str, str]] = {"header": "an Authorization: Bearer header",

@@ -176,6 +176,11 @@ class Credentials:
         raise HarnessError(f"unknown refused-credential kind {kind!r} (known: "
                            f"{', '.join((*tokens.BAD_TOKEN_KINDS, *EXTRA_BAD_KINDS))}).")
 
+    def expiring(self, tenant: str, user: str, exp: float) -> str | None:
+        """A valid token for ``user`` of ``tenant`` that expires at ``exp`` (Unix seconds, a real
+        number), or None without the server's secret."""
+        return None if self.secret is None else tokens.mint_until(self.secret, tenant, user, exp)
+
     def not_run(self) -> list[tuple[str, str]]:
         """(check, reason) of each refused-credential check these credentials cannot make."""
         if self.can_mint_bad:
@@ -184,7 +189,10 @@ class Credentials:
                  f"a refused token of kind {kind} must be signed with the server's secret, which this run "
                  f"does not have (credentials come from {self.source()}); bad_token sends a "
                  f"{INSTEAD[kind]} credential in its place")
-                for kind in NEEDS_SECRET]
+                for kind in NEEDS_SECRET] + [
+                ("valid_token:expires_within_a_second",
+                 f"a token that expires within the second must be minted with the server's secret, which this "
+                 f"run does not have (credentials come from {self.source()})")]
 
     def source(self) -> str:
         """Where valid credentials come from, for messages (never a credential or a secret)."""

@@ -31,7 +31,12 @@ BAD_TOKEN_KINDS = (
 
 def mint(secret: str, tenant: str, user: str, ttl: float = 3600.0) -> str:
     """A valid token for ``user`` of ``tenant`` that expires in ``ttl`` seconds."""
-    return jwt.encode({"tid": tenant, "sub": user, "exp": time.time() + ttl}, secret, algorithm="HS256")
+    return mint_until(secret, tenant, user, time.time() + ttl)
+
+
+def mint_until(secret: str, tenant: str, user: str, exp: float) -> str:
+    """A valid token for ``user`` of ``tenant`` that expires at ``exp`` (Unix seconds)."""
+    return jwt.encode({"tid": tenant, "sub": user, "exp": exp}, secret, algorithm="HS256")
 
 
 def _unsigned(claims: dict[str, Any]) -> str:

@@ -44,12 +44,29 @@ def _reject_constant(name: str) -> Any:
 _strict_json = json.JSONDecoder(parse_constant=_reject_constant)
 
 
+@attrs.frozen
+class Refusal:
+    """The HTTP answer to a handshake that opens nothing."""
+
+    status: int
+    body: bytes = b""
+
+
 class Authenticator:
     """Checks a handshake: its path, then its token against one shared secret."""
 
     def __init__(self, secret: str | bytes) -> None:
         self._secret = secret.encode("utf-8") if isinstance(secret, str) else secret
         self._jws = jwt.PyJWS()
+
+    def admit(self, target: str, headers: Sequence[tuple[bytes, bytes]]) -> Principal | Refusal:
+        """Who a handshake is, or how to refuse it: the path first (404), then the token (401),
+        each with an empty body (a refusal names nothing a caller could probe with)."""
+        if not self.serves_path(target):
+            return Refusal(404)
+        token = self.token_from(headers, target)
+        principal = self.verify(token) if token is not None else None
+        return Refusal(401) if principal is None else principal
 
     @staticmethod
     def serves_path(target: str) -> bool:

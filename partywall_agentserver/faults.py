@@ -25,7 +25,7 @@ import jwt
 import trio
 
 from .agent import Agent
-from .auth import Authenticator, Principal
+from .auth import Authenticator, Principal, Refusal
 from .connection import Connection
 from .hub import Hub, Subscription
 from .protocol import (
@@ -158,6 +158,54 @@ class AnyPathAuthenticator(Authenticator):
 
 def any_path_accepted(components: Components) -> Components:
     return attrs.evolve(components, authenticator=AnyPathAuthenticator)
+
+
+class TokenBeforePathAuthenticator(Authenticator):
+    """Authentication middleware runs before routing: a bad token on any path gets 401, so the
+    status tells a caller without a token which paths exist behind the auth wall."""
+
+    def admit(self, target: str, headers: Sequence[tuple[bytes, bytes]]) -> Principal | Refusal:
+        token = self.token_from(headers, target)
+        if token is None or self.verify(token) is None:
+            return Refusal(401)
+        return super().admit(target, headers)
+
+
+def token_before_path(components: Components) -> Components:
+    return attrs.evolve(components, authenticator=TokenBeforePathAuthenticator)
+
+
+class RefusalSaysWhyAuthenticator(Authenticator):
+    """A refused token's 401 says why in its body ("helpful for client developers"): which
+    check failed tells an attacker how close a forged token came."""
+
+    def admit(self, target: str, headers: Sequence[tuple[bytes, bytes]]) -> Principal | Refusal:
+        admitted = super().admit(target, headers)
+        if isinstance(admitted, Refusal) and admitted.status == 401:
+            token = self.token_from(headers, target)
+            why = "no bearer token" if token is None else "token rejected: signature, algorithm, exp or claims"
+            return Refusal(401, why.encode() + b"\n")
+        return admitted
+
+
+def refusal_says_why(components: Components) -> Components:
+    return attrs.evolve(components, authenticator=RefusalSaysWhyAuthenticator)
+
+
+class ExpWholeSecondsAuthenticator(Authenticator):
+    """Compares `exp` in whole seconds, as PyJWT does (``int(exp) <= now`` is expired): a token
+    in the last fraction of its final second is refused while it is still valid."""
+
+    @staticmethod
+    def check_claims(claims: dict[str, Any], now: float) -> Principal | None:
+        exp = claims.get("exp")
+        if isinstance(exp, float) and math.isfinite(exp) and int(exp) <= now:
+            return None
+        return Authenticator.check_claims(claims, now)
+
+
+def exp_whole_seconds(components: Components) -> Components:
+    return attrs.evolve(components, authenticator=ExpWholeSecondsAuthenticator)
 
 
 class QueryWinsAuthenticator(Authenticator):
@@ -385,6 +433,29 @@ class CountUserMessagesOnlyStorage(Storage):
 
 def count_user_messages_only(components: Components) -> Components:
     return attrs.evolve(components, storage=CountUserMessagesOnlyStorage)
+
+
+class CountPerAssistantStorage(Storage):
+    """`message_count` counts the messages of every thread of the thread's assistant (the count
+    joined on the assistant instead of the thread): one thread's count includes its siblings'."""
+
+    async def list_threads(self, tenant: str) -> list[ThreadSummary]:
+        def load(db: sqlite3.Connection) -> list[ThreadSummary]:
+            rows = db.execute(
+                "SELECT t.id, a.name, t.created_at,"
+                " (SELECT COUNT(*) FROM messages m JOIN threads s ON s.id = m.thread_id"
+                "  WHERE s.assistant_id = t.assistant_id)"
+                " FROM threads t JOIN assistants a ON a.id = t.assistant_id"
+                " WHERE t.tenant = ? ORDER BY t.rowid",
+                (tenant,),
+            ).fetchall()
+            return [ThreadSummary(*row) for row in rows]
+
+        return await self.read(load)
+
+
+def count_per_assistant(components: Components) -> Components:
+    return attrs.evolve(components, storage=CountPerAssistantStorage)
 
 
 class ThreadsNewestFirstStorage(Storage):
@@ -756,12 +827,16 @@ FAULTS: Final[dict[str, Modifier]] = {
     "expired_accepted": expired_accepted,
     "any_path_accepted": any_path_accepted,
     "query_wins": query_wins,
+    "token_before_path": token_before_path,
+    "refusal_says_why": refusal_says_why,
+    "exp_whole_seconds": exp_whole_seconds,
     "list_all_tenants": list_all_tenants,
     "echo_to_requester": echo_to_requester,
     "reply_to_first_device": reply_to_first_device,
     "rejoin_mid_turn": rejoin_mid_turn,
     "limit_keeps_oldest": limit_keeps_oldest,
     "count_user_messages_only": count_user_messages_only,
+    "count_per_assistant": count_per_assistant,
     "recovery_uncommitted": recovery_uncommitted,
     "chunks_race": chunks_race,
     "verbose_errors": verbose_errors,

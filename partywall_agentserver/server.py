@@ -21,7 +21,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketRequest, wrap_server_stream
 
 from .agent import Agent, AgentConfig
-from .auth import Authenticator
+from .auth import Authenticator, Refusal
 from .connection import Connection
 from .hub import Hub
 from .protocol import (
@@ -242,13 +242,9 @@ class AgentServer:
         if request is None:
             return  # no handshake in time (or the client left mid-handshake)
         try:
-            if not self.auth.serves_path(request.path):
-                await request.reject(404)
-                return
-            token = self.auth.token_from(request.headers, request.path)
-            principal = self.auth.verify(token) if token is not None else None
-            if principal is None:
-                await request.reject(401)
+            principal = self.auth.admit(request.path, request.headers)
+            if isinstance(principal, Refusal):
+                await request.reject(principal.status, body=principal.body or None)
                 return
             ws = await request.accept()
         except ConnectionClosed:

@@ -103,7 +103,7 @@ def identity_as_token(model: Model, ev: Event, frame: Frame | None) -> Iterator[
     a token that must be refused, or another path than the service's, opens nothing."""
     if ev.kind == "ok" and ev.op == "connect" and ev.conn in model.conns:
         conn = model.conns[ev.conn]
-        if conn.token_kind == "other_path":
+        if conn.token_kind.startswith("other_path"):
             yield Violation("isolation", "a handshake on another path than the service's opened a connection",
                             {**_where(model, ev), "welcome": ev.data.get("welcome")})
         elif conn.token_kind != "valid":
@@ -301,7 +301,8 @@ def history_keeps_commits(model: Model, ev: Event, frame: Frame | None) -> Itera
 
 @register("durability")
 def threads_kept(model: Model, ev: Event, frame: Frame | None) -> Iterator[Violation]:
-    """Every thread the tenant started is in its thread list, counting at least the messages committed in it."""
+    """Every thread the tenant started is in its thread list, counting at least the messages committed in it,
+    and no more than the user messages sent to it by then and a reply to each."""
     # Threads listed beyond those are not a violation: a provisioned tenant (--identities)
     # holds threads of earlier examples and runs, and they are its own.
     req = _own_reply(model, ev, frame, "threads")
@@ -323,6 +324,21 @@ def threads_kept(model: Model, ev: Event, frame: Frame | None) -> Iterator[Viola
                                           "(user messages and replies)",
                             {**_where(model, ev), "thread_id": item["thread_id"], "message_count": count,
                              "committed_before": floor})
+        sent = _user_messages_sent(model, item["thread_id"], ev.t)
+        if isinstance(count, int) and count > 2 * sent:
+            yield Violation("durability", f"list_threads counts {count} messages in a thread where {sent} user "
+                                          f"message(s) were sent, so at most {2 * sent} with the replies",
+                            {**_where(model, ev), "thread_id": item["thread_id"], "message_count": count,
+                             "user_messages_sent": sent})
+
+
+#: Answers after which a user message was not stored.
+NOT_STORED = frozenset({"bad_request", "not_found", "too_large", "rate_limited"})
+
+
+def _user_messages_sent(model: Model, thread: str, before: float) -> int:
+    """User messages sent to ``thread`` before ``before`` that may have been stored (not refused)."""
+    return sum(1 for r in model.turn_reqs.get(thread, ()) if r.t <= before and r.outcome not in NOT_STORED)
 
 
 # -- exactly-once ----------------------------------------------------------------
@@ -684,6 +700,33 @@ def times_are_unix_seconds(model: Model, ev: Event, frame: Frame | None) -> Iter
                             {**_where(model, ev), "field": field, "value": value, "item": item,
                              "client_time": now, "allowed": [low, high], "frame": frame.raw if frame else None})
             return
+
+
+@register("protocol")
+def refused_as_specified(model: Model, ev: Event, frame: Frame | None) -> Iterator[Violation]:
+    """A handshake refused with an HTTP status gets the adapter's: another path its own (v1: 404,
+    whatever the credential), a refused credential its own (v1: 401, with an empty body)."""
+    if ev.kind != "fail" or ev.op != "connect" or ev.conn not in model.conns:
+        return
+    status, body = ev.data.get("status"), ev.data.get("body") or ""
+    kind = model.conns[ev.conn].token_kind
+    if not isinstance(status, int) or kind == "valid":
+        return  # refused after the socket opened (no status), or a valid credential (valid_token_accepted)
+    refusals = model.adapter.refusals
+    if kind.startswith("other_path"):
+        if refusals.other_path is not None and status != refusals.other_path:
+            yield Violation("protocol", f"a handshake on another path than the service's got HTTP {status}, not "
+                                        f"{refusals.other_path} (the path is checked before the credential)",
+                            {**_where(model, ev), "status": status, "token_kind": kind})
+        return
+    if refusals.credential is not None and status != refusals.credential:
+        yield Violation("protocol", f"a credential that must be refused ({kind}) got HTTP {status}, not "
+                                    f"{refusals.credential}",
+                        {**_where(model, ev), "status": status, "token_kind": kind})
+    elif refusals.empty_body and body:
+        yield Violation("protocol", f"a refused credential's HTTP {status} has a body ({len(body)} characters): "
+                                    "it must be empty",
+                        {**_where(model, ev), "status": status, "token_kind": kind, "body": body[:200]})
 
 
 @register("protocol")

@@ -806,25 +806,88 @@ class TenantMachine(RuleBasedStateMachine):
         opened = self._connect_refused_all(self._tenant(tenant), "alice", list(kinds), "header")
         # The handshake's own rules, with valid credentials. Nothing more is drawn (another rule
         # would change every program a seed generates): the path cycles through the kinds.
-        path = OTHER_PATH_KINDS[(tenant + self.calls["bad_token"] - 1) % len(OTHER_PATH_KINDS)]
-        if self._other_path(self._tenant(tenant), path):
-            opened.append(f"{path} path")
+        turn = tenant + self.calls["bad_token"] - 1
+        path = OTHER_PATH_KINDS[turn % len(OTHER_PATH_KINDS)]
+        # And with a credential that must be refused, which must still get the path's answer (404).
+        bad = list(kinds)[turn % len(kinds)]
+        opened += [f"{path} path" + ("" if kind == "valid" else f" with {kind}")
+                   for kind in self._other_path(self._tenant(tenant), path, ("valid", bad))]
         opened += self._both_ways(self._tenant(tenant), self._tenant(tenant + 1))
-        self.outcome = (f"{len(kinds)} refused credentials, another path, both ways tried"
+        expiring = self._expiring_token(self._tenant(tenant)) if self.calls["bad_token"] == 1 else ""
+        self.outcome = (f"{len(kinds)} refused credentials, another path, both ways{expiring} tried"
                         + (f"; OPENED: {', '.join(opened)}" if opened else ""))
 
-    def _other_path(self, tenant: TenantRef, path: str) -> bool:
-        """Connect with a valid credential to another path of the service's host (which must refuse
-        it); whether it opened."""
+    def _server_clock_offset(self) -> float | None:
+        """The server's clock minus the client's, from the newest welcome's ``server_time`` (behind
+        by the welcome's one-way trip); None without a plausible one."""
+        welcomed = [c for c in self.driver.conns.values() if c.welcome and c.welcome_t is not None]
+        if not welcomed:
+            return None
+        newest = max(welcomed, key=lambda c: c.welcome_t or 0.0)
+        server_time = (newest.welcome or {}).get("server_time")
+        if isinstance(server_time, bool) or not isinstance(server_time, (int, float)):
+            return None
+        offset = server_time - (newest.welcome_t or 0.0) - (time.time() - time.monotonic())
+        return offset if abs(offset) <= float(self.model.limits.get("clock_skew_ms", 300_000)) / 1000.0 else None
+
+    def _expiring_token(self, tenant: TenantRef) -> str:
+        """PROTOCOL.md: "`exp` is compared as a real number (a token that expires in half a second
+        is still valid)". Connect with a token whose exp is the last thousandth of the server's
+        current second, 0.3 to 1 s away by the server's clock (as the newest welcome gave it):
+        a server that compares whole seconds has already passed it. A refusal that came back
+        more than 0.1 s before exp is a violation. Without the secret: not run (see not_run)."""
+        uid = self._user_id(tenant, "alice")
+        offset = self._server_clock_offset()
+        if self.session.credentials.secret is None or offset is None:
+            return ""
+        name = self._name("x")
+        refused: list[tuple[float, float, str]] = []
+
+        async def connect() -> None:
+            now = time.time() + offset
+            if now % 1 > 0.7:
+                await trio.sleep(1.0 - now % 1 + 0.005)  # the next second, so at least 0.3 s is left
+                now = time.time() + offset
+            exp = float(int(now)) + 0.999
+            token = self.session.credentials.expiring(tenant.tid, uid, exp) or ""
+            result = await self.driver.connect(name, tenant.tid, uid, token, "header", "valid")
+            if isinstance(result, Conn):
+                await self.driver.disconnect(name, False)
+            else:
+                refused.append((exp, time.time() + offset, result.reason))
+
+        self._call(connect)
+        if refused and refused[0][1] < refused[0][0] - 0.1:
+            exp, at, reason = refused[0]
+            self.checker.record(Violation(
+                "liveness", f"a token valid for another {exp - at:.2f} s was refused at the handshake ({reason}): "
+                            "exp is compared as a real number, not in whole seconds",
+                {"connection": name, "tenant": tenant.tid, "user": uid, "exp": exp, "refused_at_server_clock": at},
+                check="valid_token_accepted"))
+        return ", a token expiring within the second"
+
+    def _other_path(self, tenant: TenantRef, path: str, kinds: tuple[str, ...]) -> list[str]:
+        """Connect with credentials of ``kinds`` (``valid`` or one that must be refused) to another
+        path of the service's host, which must refuse them all, both at once; the kinds that opened."""
         uid = self._user_id(tenant, "alice")
         url = self.session.adapter.other_path(self.driver.url, path)
-        name, token = self._name("x"), self._credential(tenant.tid, uid)
-        result = self._call(functools.partial(self.driver.connect, name, tenant.tid, uid, token, "header", "other_path",
-                                              url=url))
-        if isinstance(result, Conn):
-            self._call(self.driver.disconnect, name, False)
-            return True
-        return False
+        tries = [(self._name("x"), kind, self._credential(tenant.tid, uid, kind)) for kind in kinds]
+        opened: list[str] = []
+
+        async def one(name: str, kind: str, token: str) -> None:
+            label = "other_path" if kind == "valid" else f"other_path:{kind}"
+            result = await self.driver.connect(name, tenant.tid, uid, token, "header", label, url=url)
+            if isinstance(result, Conn):
+                opened.append(kind)
+                await self.driver.disconnect(name, False)
+
+        async def all_at_once() -> None:
+            async with trio.open_nursery() as n:
+                for name, kind, token in tries:
+                    n.start_soon(one, name, kind, token)
+
+        self._call(all_at_once)
+        return [kind for kind in kinds if kind in opened]
 
     def _both_ways(self, tenant: TenantRef, other: TenantRef) -> list[str]:
         """Where the service takes a credential both ways at once, the header's counts: a valid header

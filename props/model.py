@@ -45,7 +45,8 @@ class ConnState:
     token_kind: str
     """``valid``, or a kind the server must refuse: one of partywall.tokens.BAD_TOKEN_KINDS or
     partywall.credentials.EXTRA_BAD_KINDS (no credential at all, a tampered one), or ``other_path``
-    (a valid credential on another path than the service's)."""
+    (a valid credential on another path than the service's) or ``other_path:KIND`` (a refused
+    credential of KIND there)."""
     open: bool = False
     opened_t: float | None = None
     closed_t: float | None = None

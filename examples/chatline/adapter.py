@@ -26,7 +26,7 @@ import json
 import math
 from typing import Any, ClassVar
 
-from partywall.adapter import Adapter, BadFrame, Frame, Limits, Semantics
+from partywall.adapter import Adapter, BadFrame, Frame, Limits, Refusals, Semantics
 
 #: chatline's error reasons, as the suite's error kinds.
 REASONS = {"malformed": "bad_request", "unknown_conversation": "not_found", "too_big": "too_large", "busy": "rate_limited"}
@@ -54,6 +54,8 @@ class ChatlineAdapter(Adapter):
     limits: ClassVar[Limits] = Limits(max_id=40, max_content=8000, max_frame_in=131_072, max_in_flight=32)
     semantics: ClassVar[Semantics] = Semantics(thread_scope="user", fanout="owner")
     history_limit: ClassVar[bool] = False
+    # A refused cookie gets 401 with a line saying why; another path gets 404.
+    refusals: ClassVar[Refusals] = Refusals(empty_body=False)
     credential_ways: ClassVar[dict[str, str]] = {"header": "the chatline_session cookie",
                                                  "query": "a hello message after the socket opens"}
 

@@ -476,6 +476,26 @@ def test_fault_count_user_messages_only_leaves_replies_out_of_the_count(
     run(main)
 
 
+def test_fault_count_per_assistant_counts_the_sibling_threads_messages_too(
+    start_server: Any, fast_server: ServerProcess, tenant: str
+) -> None:
+    server = start_server(*FAST, "--fault", "count_per_assistant")
+
+    async def count_of_quiet_sibling(target: ServerProcess) -> int:
+        async with open_client(target, tenant) as client:
+            busy = await new_thread(client, "helper")
+            quiet = await new_thread(client, "helper")
+            await client.turn(busy, "one")
+            threads = await client.call("list_threads", "threads")
+            return int(next(t for t in threads["threads"] if t["thread_id"] == quiet)["message_count"])
+
+    async def main() -> None:
+        assert await count_of_quiet_sibling(server) == 2
+        assert await count_of_quiet_sibling(fast_server) == 0
+
+    run(main)
+
+
 def test_fault_reply_to_first_device_sends_the_reply_to_the_users_other_connection(
     start_server: Any, fast_server: ServerProcess, tenant: str
 ) -> None:
@@ -549,6 +569,41 @@ def test_fault_any_path_accepted_opens_other_paths(
         assert status_of(server, token, target=path) == 101, path
         assert status_of(fast_server, token, target=path) == 404, path
     assert status_of(server, make_token(key="not-the-secret"), target="/admin") == 401  # tokens still count
+
+
+def test_fault_token_before_path_answers_401_on_another_path(
+    start_server: Any, fast_server: ServerProcess
+) -> None:
+    server = start_server(*FAST, "--fault", "token_before_path")
+    forged = make_token(key="not-the-secret")
+    for path in ("/", "/ws/admin"):
+        assert status_of(server, forged, target=path) == 401, path
+        assert status_of(fast_server, forged, target=path) == 404, path
+        assert status_of(server, make_token(), target=path) == 404, path  # a valid token still gets the path's answer
+    assert status_of(server, make_token()) == 101
+
+
+def test_fault_refusal_says_why_puts_the_reason_in_the_401_body(
+    start_server: Any, fast_server: ServerProcess
+) -> None:
+    server = start_server(*FAST, "--fault", "refusal_says_why")
+    headers = {"Authorization": "Bearer " + make_token(key="not-the-secret")}
+    status, _, body = raw_handshake(server, "/ws", headers)
+    assert status == 401 and b"token rejected" in body
+    assert raw_handshake(fast_server, "/ws", headers)[::2] == (401, b"")
+
+
+def test_fault_exp_whole_seconds_refuses_a_token_in_its_last_second(
+    start_server: Any, fast_server: ServerProcess
+) -> None:
+    server = start_server(*FAST, "--fault", "exp_whole_seconds")
+    now = time.time()
+    if now % 1 > 0.5:  # keep at least half a second between the handshake and exp
+        time.sleep(1 - now % 1)
+    exp = int(time.time()) + 0.999  # valid for half a second or more; its whole second is already past
+    assert status_of(server, make_token(exp=exp)) == 401
+    assert status_of(fast_server, make_token(exp=exp)) == 101
+    assert status_of(server, make_token(exp=int(time.time()) + 2.5)) == 101  # its whole second still to come
 
 
 def test_fault_query_wins_takes_the_query_token_over_the_header(

@@ -106,7 +106,7 @@ def test_token_cmd_without_the_secret_passes_and_lists_the_secret_only_checks_as
     assert data["ok"] is True and data["violations"] == []
     assert data["credentials"]["source"] == "command" and data["credentials"]["secret"] is False
     not_run = {item["check"]: item["reason"] for item in data["not_run"]}
-    assert set(not_run) == {f"refused_token:{kind}" for kind in NEEDS_SECRET}
+    assert set(not_run) == {f"refused_token:{kind}" for kind in NEEDS_SECRET} | {"valid_token:expires_within_a_second"}
     assert all("secret" in reason and "--token-cmd" in reason for reason in not_run.values())
     for kind in NEEDS_SECRET:
         assert f"not run: refused_token:{kind}" in proc.stdout
@@ -286,7 +286,8 @@ def test_without_the_secret_each_secret_only_kind_is_replaced_and_listed() -> No
                      {"id": "b", "users": [{"id": "w", "credential": "y"}]}]}, "ids.toml"))
     assert {kind: creds.kind_for(kind) for kind in NEEDS_SECRET}.keys() == set(NEEDS_SECRET)
     assert all(creds.kind_for(kind) in ("missing", "tampered") for kind in NEEDS_SECRET)
-    assert [check for check, _ in creds.not_run()] == [f"refused_token:{kind}" for kind in NEEDS_SECRET]
+    assert [check for check, _ in creds.not_run()] == [f"refused_token:{kind}" for kind in NEEDS_SECRET] + [
+        "valid_token:expires_within_a_second"]
     assert creds.bad("tampered", "a", "u") != "c.d.efgh"
     minted = MintedCredentials(SECRET)
     assert minted.can_mint_bad and minted.not_run() == []

@@ -118,6 +118,11 @@ PROOFS: dict[str, Proof] = {
     "expired_accepted": Proof("isolation", "identity_as_token", "fast"),
     "any_path_accepted": Proof("isolation", "identity_as_token", "fast"),
     "query_wins": Proof("isolation", "identity_as_token", "fast"),
+    "token_before_path": Proof("protocol", "refused_as_specified", "fast"),
+    "refusal_says_why": Proof("protocol", "refused_as_specified", "fast"),
+    # The first bad_token of an example mints a token whose exp is the last thousandth of the
+    # server's current second (waiting for the next second when less than 0.3 s of it is left).
+    "exp_whole_seconds": Proof("liveness", "valid_token_accepted", "fast"),
     "list_all_tenants": Proof("isolation", "no_foreign_data", "fast"),
     "echo_to_requester": Proof("routing", "no_copy_to_requester", "fast"),
     # The user's second device (the opening's c3) asks; the first one gets the reply.
@@ -135,6 +140,8 @@ PROOFS: dict[str, Proof] = {
                                            "whose start-ups race) replayed 0 of 6 times in one CI run"),
     # The shrunk program's list_threads may be answered before a reply it counts is committed.
     "count_user_messages_only": Proof("durability", "threads_kept", "fast", deterministic=False),
+    # A count over the assistant's threads: one thread's message_count takes in its siblings'.
+    "count_per_assistant": Proof("durability", "threads_kept", "fast"),
     # The SIGKILL must fall inside a turn (committed, not yet answered). The audit waits the reply limit
     # for the missing reply: a short one keeps each replay of shrinking short. A message sent to the
     # thread after the restart lands behind the unanswered one.

@@ -136,6 +136,27 @@ def test_isolation_unknown_user_and_refused_token() -> None:
     assert any("'mallory'" in t for t in titles)
 
 
+def refusals(*attempts: tuple[str, int, str]) -> Sim:
+    """Handshakes of (token kind, HTTP status, body), each refused."""
+    s = Sim()
+    for i, (kind, status, body) in enumerate(attempts):
+        s.ev("invoke", "connect", f"x{i}", data={"tenant": "acme", "user": "alice", "via": "header", "token_kind": kind})
+        s.ev("fail", "connect", f"x{i}", data={"status": status, "body": body, "latency_ms": 1.0})
+    return s
+
+
+def test_protocol_refusals_are_404_for_a_path_then_401_with_an_empty_body() -> None:
+    assert refusals(("other_path", 404, ""), ("other_path:wrong_key", 404, "not here"), ("expired", 401, ""),
+                    ("valid", 503, "")).by_check() == []
+    assert refusals(("other_path:wrong_key", 401, "")).by_check() == [
+        ("protocol", "refused_as_specified", "a handshake on another path than the service's got HTTP 401, not 404 "
+                                             "(the path is checked before the credential)")]
+    assert refusals(("wrong_key", 403, "")).by_check() == [
+        ("protocol", "refused_as_specified", "a credential that must be refused (wrong_key) got HTTP 403, not 401")]
+    assert refusals(("expired", 401, "token expired")).by_check() == [
+        ("protocol", "refused_as_specified", "a refused credential's HTTP 401 has a body (13 characters): it must be empty")]
+
+
 def test_isolation_foreign_id_answered_differently_from_absent() -> None:
     s = two_tenants_with_a_turn()
     s.ev("info", "probe", "c1", data={"foreign": "p1", "absent": "p2", "request": "join_thread", "thread": "th0", "owner_tenant": "acme"})
@@ -368,7 +389,14 @@ def test_durability_message_count_below_what_was_committed() -> None:
     assert listed(["T1", "T2"], t1_count=1).by_check() == [
         ("durability", "threads_kept", "list_threads counts 1 messages in a thread where 2 were committed "
          "(user messages and replies)")]
-    assert listed(["T1", "T2"], t1_count=3).by_check() == []  # more may have come meanwhile
+    assert listed(["T1", "T2"], t1_count=2).by_check() == []
+
+
+def test_durability_message_count_above_what_was_sent() -> None:
+    # One user message was sent to T1: with its reply that is two, and no more can be stored.
+    assert listed(["T1", "T2"], t1_count=3).by_check() == [
+        ("durability", "threads_kept", "list_threads counts 3 messages in a thread where 1 user message(s) were "
+                                       "sent, so at most 2 with the replies")]
 
 
 def test_durability_history_limit_returns_the_oldest() -> None:
