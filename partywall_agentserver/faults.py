@@ -40,7 +40,7 @@ from .protocol import (
     error_frame,
     message_too_large,
 )
-from .server import TOO_LARGE_MESSAGE, Components, SizeGuard
+from .server import TOO_LARGE_MESSAGE, Components, Shutdown, SizeGuard
 from .storage import (
     MessageRecord,
     Storage,
@@ -811,6 +811,18 @@ def rate_limit_8(components: Components) -> Components:
     return attrs.evolve(components, parser=RateLimit8Parser)
 
 
+class NormalClosureShutdown(Shutdown):
+    """The shutdown hook closes each connection with the library's default code, 1000 (normal
+    closure), not 1001: clients take it for a deliberate end and do not reconnect."""
+
+    code = 1000
+    reason = ""
+
+
+def shutdown_closes_1000(components: Components) -> Components:
+    return attrs.evolve(components, shutdown=NormalClosureShutdown)
+
+
 FAULTS: Final[dict[str, Modifier]] = {
     "foreign_thread_lookup": foreign_thread_lookup,
     "assistant_by_name": assistant_by_name,
@@ -855,6 +867,7 @@ FAULTS: Final[dict[str, Modifier]] = {
     "fanout_trims_content": fanout_trims_content,
     "assistant_id_is_agent_id": assistant_id_is_agent_id,
     "rate_limit_8": rate_limit_8,
+    "shutdown_closes_1000": shutdown_closes_1000,
 }
 
 

@@ -89,6 +89,17 @@ class SizeGuard:
         return True
 
 
+class Shutdown:
+    """How a server that is shutting down closes each connection: with 1001 (going away)."""
+
+    code = 1001
+    reason = "server shutting down"
+
+    async def close(self, conn: Connection) -> None:
+        with trio.move_on_after(CLOSE_TIMEOUT):
+            await conn.ws.aclose(self.code, self.reason)
+
+
 @attrs.frozen
 class Components:
     """The replaceable parts of the server; planted faults swap one class."""
@@ -100,6 +111,7 @@ class Components:
     authenticator: type[Authenticator] = Authenticator
     parser: type[RequestParser] = RequestParser
     size_guard: type[SizeGuard] = SizeGuard
+    shutdown: type[Shutdown] = Shutdown
 
 
 @attrs.frozen
@@ -126,6 +138,7 @@ class AgentServer:
         self.auth = components.authenticator(config.secret)
         self.parser = components.parser()
         self.size_guard = components.size_guard()
+        self.closer = components.shutdown()
         self.connections: set[Connection] = set()
         self._scheduler: TurnScheduler | None = None
         self._accepting = trio.CancelScope()
@@ -205,12 +218,7 @@ class AgentServer:
         with trio.move_on_after(CLOSE_TIMEOUT + 1):
             async with trio.open_nursery() as nursery:
                 for conn in closing:
-                    nursery.start_soon(self._close_going_away, conn)
-
-    @staticmethod
-    async def _close_going_away(conn: Connection) -> None:
-        with trio.move_on_after(CLOSE_TIMEOUT):
-            await conn.ws.aclose(1001, "server shutting down")
+                    nursery.start_soon(self.closer.close, conn)
 
     # -- connections -------------------------------------------------------------
 

@@ -747,6 +747,21 @@ def closes_only_for_too_large(model: Model, ev: Event, frame: Frame | None) -> I
 
 
 @register("protocol")
+def shutdown_closes_1001(model: Model, ev: Event, frame: Frame | None) -> Iterator[Violation]:
+    """A server shutting down closes each open connection with 1001 (going away)."""
+    if not (ev.kind == "info" and ev.op == "closed" and ev.conn in model.conns) or not model.shut_down_under(ev.conn):
+        return
+    conn = model.conns[ev.conn]
+    if not str(ev.data.get("reason", "")).startswith("closed by the server") or conn.closing_1009:
+        return  # the suite closed it, or it was already closing for too_large
+    code = ev.data.get("code")
+    if code != 1001:
+        how = "without a close frame" if code in (1006, None) else f"with code {code}"
+        yield Violation("protocol", f"the server, shutting down, closed the connection {how}, not 1001 (going away)",
+                        {**_where(model, ev), "close": dict(ev.data), "opened_t": conn.opened_t})
+
+
+@register("protocol")
 def replies_as_predicted(model: Model, ev: Event, frame: Frame | None) -> Iterator[Violation]:
     """Each reply's fields are what the request and the model predict: its thread, fresh ids, its tenant's assistant."""
     if not _frame_in(model, ev, frame) or frame is None or frame.type == "error":

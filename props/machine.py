@@ -1006,10 +1006,11 @@ class TenantMachine(RuleBasedStateMachine):
     # answer, so the same seed draws the same program).
     @precondition(lambda self: self.allow_crash and self.crashes < MAX_CRASHES and self.counts["th"] > 0
                   and self.step_no >= CRASH_AFTER)
-    @rule()
+    @rule(gentle=st.booleans())
     @recorded
-    def crash_and_restart(self) -> None:
-        """SIGKILL the server mid-flight, start it again on the same storage."""
+    def crash_and_restart(self, gentle: bool = False) -> None:
+        """SIGKILL the server mid-flight (or, ``gentle``, SIGTERM it: a shutdown, which closes every
+        connection with 1001), and start it again on the same storage."""
         s = self.session
         # Its clients come back, as real ones do: every connection of the example open at the
         # kill reconnects under its own name, as the same user the same way, and joins its
@@ -1017,9 +1018,12 @@ class TenantMachine(RuleBasedStateMachine):
         # connections opened after it).
         back = [(name, c.tenant, c.user, c.via) for name, c in self.driver.conns.items()
                 if c.open and name.startswith("c")]
-        self._call(self.driver.note, "crash", None, {"url": s.target.url})
+        self._call(self.driver.note, "crash", None, {"url": s.target.url, "gentle": gentle})
         self.crashes += 1
-        s.target.kill()
+        if gentle:
+            s.target.stop()  # waits for the server to exit; the driver's loop reads the closes meanwhile
+        else:
+            s.target.kill()
         self._call(self.driver.wait_closed)
         s.target.restart()
         assert s.target.url is not None
@@ -1027,7 +1031,7 @@ class TenantMachine(RuleBasedStateMachine):
         self._call(self.driver.note, "restart", None, {"url": s.target.url})
         event("crash and restart")
         again = self._reconnect(back)
-        self.outcome = (f"server killed and restarted at {s.target.url}; "
+        self.outcome = (f"server {'shut down' if gentle else 'killed'} and restarted at {s.target.url}; "
                         f"{', '.join(again) or 'nothing'} reconnected")
 
     def _reconnect(self, back: list[tuple[str, str, str, str]]) -> list[str]:

@@ -167,6 +167,8 @@ class Model:
         self.probe_replies: dict[str, dict[str, Any]] = {}
         self.crashes = 0
         self.crash_t: float | None = None
+        self.shutdown_t: float | None = None
+        """When the suite last stopped the server gently (SIGTERM: a shutdown), None if never."""
         """When the suite last killed the server (its connections were closed by that)."""
         self.wall_offset: float | None = None
         """The client's wall clock minus ``time.monotonic()``, from the last connect: server times
@@ -341,9 +343,13 @@ class Model:
         self.reqs[ev.req_id] = req
 
     def killed_under(self, conn: str) -> bool:
-        """Whether the suite killed the server while ``conn`` was open (its close is the kill's)."""
+        """Whether the suite killed or stopped the server while ``conn`` was open (its close is the suite's doing)."""
         state = self.conns[conn]
         return self.crash_t is not None and state.opened_t is not None and state.opened_t <= self.crash_t
+
+    def shut_down_under(self, conn: str) -> bool:
+        """Whether the suite's last end of the server was a shutdown (not a kill) while ``conn`` was open."""
+        return self.shutdown_t is not None and self.shutdown_t == self.crash_t and self.killed_under(conn)
 
     def wall(self, t: float) -> float | None:
         """The client's wall clock at event time ``t``, when a connect recorded it."""
@@ -494,6 +500,8 @@ class Model:
         elif ev.op == "crash":
             self.crashes += 1
             self.crash_t = ev.t
+            if ev.data.get("gentle"):
+                self.shutdown_t = ev.t
             for conn in self.conns.values():
                 conn.closing_1009 = False  # a killed server closes nothing cleanly: 1006 is all there is
         elif ev.req_id is not None and ev.op != "timeout":

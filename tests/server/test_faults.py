@@ -13,6 +13,8 @@ difference. Each test runs its own server on 127.0.0.1 port 0, time-bounded.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from typing import Any
 
@@ -813,5 +815,17 @@ def test_fault_rate_limit_8_refuses_the_ninth_request_in_flight(
     async def main() -> None:
         assert await twelve_starts(server) == ["agent_started"] * 8 + ["rate_limited"] * 4
         assert await twelve_starts(clean) == ["agent_started"] * 12
+
+    run(main)
+
+
+def test_fault_shutdown_closes_1000_says_normal_closure_on_sigterm(start_server: Any) -> None:
+    # The clean server closes with 1001: test_lifecycle.test_sigterm_closes_connections_with_1001_and_exits_0.
+    server = start_server(*FAST, "--fault", "shutdown_closes_1000")
+
+    async def main() -> None:
+        async with open_client(server, "t1") as client:
+            os.kill(server.pid, signal.SIGTERM)
+            assert await client.wait_closed() == 1000
 
     run(main)

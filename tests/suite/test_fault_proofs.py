@@ -173,6 +173,7 @@ PROOFS: dict[str, Proof] = {
     # The copy reaches only the watchers joined when the turn begins, which a re-run's joins may miss.
     "fanout_trims_content": Proof("exactly-once", "fanout_copies_match", "fast", deterministic=False),
     "assistant_id_is_agent_id": Proof("protocol", "replies_as_predicted", "fast"),
+    "shutdown_closes_1000": Proof("protocol", "shutdown_closes_1001", "fast"),
     # Whether 9 requests are in flight at the server at once depends on how fast it answers them.
     "rate_limit_8": Proof("protocol", "right_outcome", "fast", deterministic=False,
                           bench_only="whether 9 reads are in flight at the server at once depends on how fast it "

@@ -729,6 +729,21 @@ def test_protocol_server_closes_a_connection_without_cause(code: int, crashed: b
     assert s.by_check() == []
 
 
+@pytest.mark.parametrize(("gentle", "code", "says"), [
+    (True, 1001, None),
+    (True, 1000, "the server, shutting down, closed the connection with code 1000, not 1001 (going away)"),
+    (True, 1006, "the server, shutting down, closed the connection without a close frame, not 1001 (going away)"),
+    (False, 1006, None),  # killed: no close frame is all a dead process can give
+    (False, 1000, None),
+])
+def test_protocol_a_shutdown_closes_with_1001(gentle: bool, code: int, says: str | None) -> None:
+    s = Sim()
+    s.connect("c0", "acme")
+    s.ev("info", "crash", None, data={"url": "ws://127.0.0.1:1/ws", "gentle": gentle})
+    s.ev("info", "closed", "c0", data={"reason": f"closed by the server (code {code})", "code": code})
+    assert s.by_check() == ([("protocol", "shutdown_closes_1001", says)] if says else [])
+
+
 def watched_turn(copy: dict[str, Any], reply_copy: str | None = None, ack_first: bool = True) -> Sim:
     """bob (c1) watches T1 while alice (c0) sends a turn in it; c1 gets ``copy`` of her message as
     fan-out (after her ack, or before it), and the reply's fan-out copy with ``reply_copy`` as content."""
