@@ -17,6 +17,7 @@ import math
 import random
 import sqlite3
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
@@ -800,15 +801,29 @@ def surrogates_pass(components: Components) -> Components:
     return attrs.evolve(components, parser=SurrogatesPassParser)
 
 
-class RateLimit8Parser(RequestParser):
-    """Allows 8 requests in flight per connection (the staging setting, shipped), where the
-    protocol asks for at least 64."""
+class RateLimitBucketParser(RequestParser):
+    """A per-connection token bucket (8 at once, then 10 a second), as a gateway's `limit_req`
+    would be set: a quick burst is refused however few requests are still in flight, where the
+    protocol allows `rate_limited` only past the server's in-flight limit (at least 64)."""
 
-    max_in_flight = 8
+    burst, per_second = 8, 10.0
+
+    def __init__(self) -> None:
+        self._buckets: weakref.WeakKeyDictionary[Any, tuple[float, float]] = weakref.WeakKeyDictionary()
+
+    def over_limit(self, conn: Any) -> str | None:
+        now = time.monotonic()
+        tokens, then = self._buckets.get(conn, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - then) * self.per_second)
+        if tokens < 1.0:
+            self._buckets[conn] = (tokens, now)
+            return f"Slow down: at most {self.burst} requests at once and {self.per_second:g} a second."
+        self._buckets[conn] = (tokens - 1.0, now)
+        return super().over_limit(conn)
 
 
-def rate_limit_8(components: Components) -> Components:
-    return attrs.evolve(components, parser=RateLimit8Parser)
+def rate_limit_bucket(components: Components) -> Components:
+    return attrs.evolve(components, parser=RateLimitBucketParser)
 
 
 class NormalClosureShutdown(Shutdown):
@@ -866,7 +881,7 @@ FAULTS: Final[dict[str, Modifier]] = {
     "leave_stops_own_turn": leave_stops_own_turn,
     "fanout_trims_content": fanout_trims_content,
     "assistant_id_is_agent_id": assistant_id_is_agent_id,
-    "rate_limit_8": rate_limit_8,
+    "rate_limit_bucket": rate_limit_bucket,
     "shutdown_closes_1000": shutdown_closes_1000,
 }
 

@@ -190,6 +190,13 @@ class RequestParser:
     max_in_flight: int = MAX_IN_FLIGHT
     """Requests one connection may have in flight; the next gets `rate_limited`."""
 
+    def over_limit(self, conn: Any) -> str | None:
+        """Why ``conn``'s next request gets `rate_limited` (its message), or None to serve it."""
+        if conn.in_flight < self.max_in_flight:
+            return None
+        return (f"At most {self.max_in_flight} requests may be in flight on one connection; "
+                "wait for replies before sending more.")
+
     def parse(self, message: str | bytes) -> Request:
         if isinstance(message, bytes):
             raise ProtocolError(

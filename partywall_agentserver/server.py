@@ -295,15 +295,9 @@ class AgentServer:
             except ProtocolError as exc:
                 conn.send(error_frame(exc.code, exc.message, exc.re))
                 continue
-            if conn.in_flight >= self.parser.max_in_flight:
-                conn.send(
-                    error_frame(
-                        RATE_LIMITED,
-                        f"At most {self.parser.max_in_flight} requests may be in flight on one connection; "
-                        "wait for replies before sending more.",
-                        request.id,
-                    )
-                )
+            limited = self.parser.over_limit(conn)
+            if limited is not None:
+                conn.send(error_frame(RATE_LIMITED, limited, request.id))
                 continue
             await self._guarded(self._handlers[type(request)], conn, request, requests)
 

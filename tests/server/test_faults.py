@@ -799,22 +799,21 @@ def test_fault_assistant_id_is_agent_id_gives_one_assistant_many_ids(
     run(main)
 
 
-def test_fault_rate_limit_8_refuses_the_ninth_request_in_flight(
+def test_fault_rate_limit_bucket_refuses_a_quick_burst_with_few_in_flight(
     start_server: Any, fast_server: ServerProcess, tenant: str
 ) -> None:
-    server = start_server("--startup-ms", "100:100", "--fault", "rate_limit_8")
-    clean = start_server("--startup-ms", "100:100")
+    server = start_server(*FAST, "--fault", "rate_limit_bucket")
 
-    async def twelve_starts(target: ServerProcess) -> list[str]:
-        """The answers to 12 start-ups sent at once (each takes 100 ms): a type, or an error's code."""
+    async def twelve_pings(target: ServerProcess) -> list[str]:
+        """The answers to 12 pings, each sent once the one before is answered (one in flight at a time)."""
         async with open_client(target, tenant + "-busy") as client:
-            ids = [await client.request("start_agent", assistant="bot") for _ in range(12)]
-            answers = [await client.reply(i) for i in ids]
+            answers = [await client.reply(await client.request("ping")) for _ in range(12)]
             return [a["code"] if a["type"] == "error" else a["type"] for a in answers]
 
     async def main() -> None:
-        assert await twelve_starts(server) == ["agent_started"] * 8 + ["rate_limited"] * 4
-        assert await twelve_starts(clean) == ["agent_started"] * 12
+        answers = await twelve_pings(server)
+        assert answers[:8] == ["pong"] * 8 and "rate_limited" in answers[8:]
+        assert await twelve_pings(fast_server) == ["pong"] * 12
 
     run(main)
 
