@@ -609,15 +609,21 @@ class Driver:
             await pending.done.wait()
         return pending.final
 
-    async def settle(self) -> list[Pending]:
-        """Wait until nothing is in flight, or the reply limit passes; return what is still pending."""
+    async def settle(self, found: Callable[[], bool] | None = None) -> list[Pending]:
+        """Wait until nothing is in flight and every close the server owes (after an oversized
+        frame) has come, or the reply limit passes, or ``found()`` says the checks have found a
+        violation (waiting on would only delay the report); return what is still pending."""
         with trio.move_on_after(self.reply_timeout_s + 0.5):
-            while self.pending:
-                # Any request still in flight: wait for the oldest; the limit bounds the whole wait.
-                await next(iter(self.pending.values())).done.wait()
-            # And any connection the server owes a close (after an oversized frame).
-            for conn in [c for c in self.conns.values() if c.open and c.close_expected_t is not None]:
-                await conn.done.wait()
+            while True:
+                self._flush()  # every frame that came is checked before ``found`` is asked
+                if found is not None and found():
+                    break
+                owed = [p.done for p in self.pending.values()]
+                owed += [c.done for c in self.conns.values() if c.open and c.close_expected_t is not None]
+                if not owed:
+                    break
+                with trio.move_on_after(0.05):  # the oldest; then look at the checks again
+                    await owed[0].wait()
         return list(self.pending.values())
 
     async def pause(self, seconds: float) -> None:

@@ -832,8 +832,16 @@ def right_outcome(model: Model, ev: Event, frame: Frame | None) -> Iterator[Viol
 
 @register("protocol")
 def oversize_closes_1009(model: Model, ev: Event, frame: Frame | None) -> Iterator[Violation]:
-    """A client message over the frame limit gets too_large and a close with code 1009, in time."""
-    if ev.kind == "info" and ev.op == "not_closed" and ev.conn in model.conns and model.conns[ev.conn].closing_1009:
+    """A client message over the frame limit gets too_large and a close with code 1009, in time,
+    and nothing sent after it is answered."""
+    if _frame_in(model, ev, frame) and frame is not None and frame.re in model.reqs:
+        conn, req = model.conns[ev.conn or ""], model.reqs[frame.re or ""]
+        if (conn.closing_1009 and conn.closing_seq is not None and req.conn == ev.conn and req.seq > conn.closing_seq
+                and not req.type.startswith("raw:")):
+            yield Violation("protocol", f"the server answered a {req.type} sent after an oversized frame: after "
+                                        "too_large it must close the connection (1009), not go on serving it",
+                            {**_where(model, ev), "request": req.req_id, "frame": frame.raw})
+    elif ev.kind == "info" and ev.op == "not_closed" and ev.conn in model.conns and model.conns[ev.conn].closing_1009:
         yield Violation("protocol", f"the server kept the connection open {ev.data.get('waited_s')} s after an oversized "
                                     "frame; it must close it with 1009",
                         {**_where(model, ev), "limit_s": ev.data.get("limit_s")})

@@ -54,6 +54,8 @@ class ConnState:
     """Errors without ``re`` the suite provoked (a binary frame, invalid JSON) and still expects."""
     closing_1009: bool = False
     too_large_seen: bool = False
+    closing_seq: int | None = None
+    """The event number of the oversized message it sent (requests after it must go unanswered)."""
     in_flight: int = 0
     """Requests sent on it and not yet finally answered (as the client sees it: never fewer than the server counts)."""
 
@@ -311,6 +313,7 @@ class Model:
             conn = self.conns[ev.conn]
             if ev.data.get("expect") == "too_large":
                 conn.closing_1009 = True
+                conn.closing_seq = ev.seq
             if ev.data.get("readable") is not True:
                 conn.unsolicited_errors += 1
             if ev.req_id is not None:

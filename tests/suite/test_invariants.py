@@ -499,6 +499,25 @@ def test_protocol_oversize_left_open() -> None:
                              "the server kept the connection open 10.2 s after an oversized frame; it must close it with 1009")]
 
 
+@pytest.mark.parametrize("answered", [True, False])
+def test_protocol_oversize_then_a_request_answered(answered: bool) -> None:
+    # A ping sent right behind the oversized frame: the server closes after too_large, so a pong
+    # shows at once that it went on serving the connection.
+    s = Sim()
+    s.connect("c0", "acme")
+    s.request("c0", "r0", "ping")
+    s.reply("c0", "r0", {"type": "pong", "server_time": 1764000001.0}, final="ok")  # before: fine
+    s.ev("invoke", "raw", "c0", "r1", data={"note": "oversize", "size": 65_600, "readable": False, "expect": "too_large"})
+    s.request("c0", "r2", "ping")
+    s.ev("frame", "error", "c0", frame={"type": "error", "code": "too_large", "message": "The message is over 64 KiB."})
+    if answered:
+        s.reply("c0", "r2", {"type": "pong", "server_time": 1764000001.0}, final="ok")
+    s.ev("info", "closed", "c0", data={"reason": "closed by the server (code 1009)", "code": 1009})
+    assert s.by_check() == ([("protocol", "oversize_closes_1009",
+                              "the server answered a ping sent after an oversized frame: after too_large it must "
+                              "close the connection (1009), not go on serving it")] if answered else [])
+
+
 def watched(seqs: list[int], leave_after: int | None = None, next_turn: bool = False) -> Sim:
     """c1 watches T1 (joined) while c0's turn streams its chunks to it as fan-out, in ``seqs`` order;
     with ``leave_after``, c1 leaves after that many chunks and joins again (and with ``next_turn``
