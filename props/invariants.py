@@ -851,6 +851,7 @@ def oversize_closes_1009(model: Model, ev: Event, frame: Frame | None) -> Iterat
         if conn.closing_1009 and closed_by_server and ev.data.get("code") == 1009 and not conn.too_large_seen:
             yield Violation("protocol", "after an oversized frame the server closed with 1009 without the too_large "
                                         "error first", {**_where(model, ev), "close": dict(ev.data)})
-        if conn.closing_1009 and closed_by_server and ev.data.get("code") != 1009:
+        shut_down = ev.data.get("code") == 1001 and model.shut_down_under(ev.conn)  # type: ignore[arg-type]
+        if conn.closing_1009 and closed_by_server and ev.data.get("code") != 1009 and not shut_down:
             yield Violation("protocol", f"after an oversized frame the server closed with {ev.data.get('code')!r}, not 1009",
                             {**_where(model, ev), "close": dict(ev.data)})

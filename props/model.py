@@ -504,8 +504,11 @@ class Model:
             self.crashes += 1
             self.crash_t = ev.t
             if ev.data.get("gentle"):
+                # A shutdown closes with 1001; one that owed a 1009 may send either (the close
+                # for too_large may come first), so closing_1009 stays.
                 self.shutdown_t = ev.t
-            for conn in self.conns.values():
-                conn.closing_1009 = False  # a killed server closes nothing cleanly: 1006 is all there is
+            else:
+                for conn in self.conns.values():
+                    conn.closing_1009 = False  # a killed server closes nothing cleanly: 1006 is all there is
         elif ev.req_id is not None and ev.op != "timeout":
             self._done(ev, "info")

@@ -763,6 +763,19 @@ def test_protocol_a_shutdown_closes_with_1001(gentle: bool, code: int, says: str
     assert s.by_check() == ([("protocol", "shutdown_closes_1001", says)] if says else [])
 
 
+@pytest.mark.parametrize("code", [1001, 1009])
+def test_protocol_a_shutdown_racing_an_oversized_frame_may_close_either_way(code: int) -> None:
+    # c0's oversized frame and the shutdown cross: the close for too_large or the one for the
+    # shutdown may come first, and each is right.
+    s = Sim()
+    s.connect("c0", "acme")
+    s.ev("invoke", "raw", "c0", "r1", data={"note": "oversize", "size": 65_600, "readable": False, "expect": "too_large"})
+    s.ev("frame", "error", "c0", frame={"type": "error", "code": "too_large", "message": "The message is over 64 KiB."})
+    s.ev("info", "crash", None, data={"url": "ws://127.0.0.1:1/ws", "gentle": True})
+    s.ev("info", "closed", "c0", data={"reason": f"closed by the server (code {code})", "code": code})
+    assert s.by_check() == []
+
+
 def watched_turn(copy: dict[str, Any], reply_copy: str | None = None, ack_first: bool = True) -> Sim:
     """bob (c1) watches T1 while alice (c0) sends a turn in it; c1 gets ``copy`` of her message as
     fan-out (after her ack, or before it), and the reply's fan-out copy with ``reply_copy`` as content."""
