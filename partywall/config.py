@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import importlib.resources
 import json
+import math
 import os
 import shlex
 import tomllib
@@ -43,6 +44,8 @@ PROFILE_KEYS: dict[str, type] = {
 }
 #: A whole-number default whose key ends so (a limit in ms, seconds, MiB, a rate) may take a fraction.
 _FRACTIONAL_SUFFIXES = ("_ms", "_s", "_mib", "_rate")
+#: Limits in seconds that must be a finite number greater than 0 (zero or less would end every wait at once).
+POSITIVE_KEYS = frozenset({"bench.shard_ready_timeout_s", "bench.dask_connect_timeout_s", "bench.shard_finish_slack_s"})
 
 
 @attrs.frozen
@@ -273,6 +276,8 @@ class _Builder:
         node, last, old = self.slot(dotted, where)
         if not _accepts(dotted, old, value):
             raise HarnessError(f"{where}: {dotted} must be {_type_name(old)} (got {value!r}).")
+        if dotted in POSITIVE_KEYS and not (math.isfinite(value) and value > 0):
+            raise HarnessError(f"{where}: {dotted} must be a finite number greater than 0 (got {value!r}).")
         node[last] = float(value) if isinstance(old, float) and not isinstance(value, bool) else value
         self.sources[dotted] = where
 

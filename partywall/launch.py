@@ -31,6 +31,15 @@ A shard that could not take part (it died, never said ready, runs another
 partywall version, or its Dask worker failed or left) is one line naming the
 shard and why, exit 2, and the merged report of the shards that did run,
 saying which shard is missing.
+
+Every wait is bounded by the settings' ``[bench]`` table: a shard's ready
+line by ``shard_ready_timeout_s``, reaching a Dask scheduler and finding a
+worker there by ``dask_connect_timeout_s``, a shard's run after ``go`` by the
+bench's own budget for one user plus ``shard_finish_slack_s``. A shard waits
+for ``go`` `GO_MARGIN_S` longer than its launcher waits for ready lines
+(`go_timeout_s`), so a live launcher always decides first; the launcher tells
+each shard that wait in its environment (`GO_TIMEOUT_ENV`), as it tells a
+Dask task in the task's spec.
 """
 
 from __future__ import annotations
@@ -63,16 +72,12 @@ from partywall.target import SECRET_ENV, Target, make_target
 GATE_PREFIX = "partywall-gate"
 """The first word of a child's ready line."""
 GATE_MODES = ("stdio",)
-#: From starting a child to its ready line: the interpreter, the settings, the
-#: session, the credentials of every identity of its shard.
-READY_TIMEOUT_S = 120.0
-#: A child waits this long after its ready line for ``go`` (longer than the
-#: launcher waits for the slowest ready line, so a live launcher always decides first).
-GO_TIMEOUT_S = READY_TIMEOUT_S + 30.0
-#: How long reaching a Dask scheduler, and finding a worker there, may take.
-DASK_CONNECT_TIMEOUT_S = 10.0
-#: After the bench's own budget for one user: the child's report, its driver's close.
-FINISH_SLACK_S = 60.0
+#: A child waits for ``go`` this much longer after its ready line than the launcher
+#: waits for the slowest ready line (``bench.shard_ready_timeout_s``), so a live
+#: launcher always decides first (`go_timeout_s`).
+GO_MARGIN_S = 30.0
+#: The child's wait for ``go``, in seconds, as its launcher tells it (`go_timeout_s` of the launcher's settings).
+GO_TIMEOUT_ENV = "PARTYWALL_BENCH_GO_TIMEOUT_S"
 STOP_GRACE_S = 5.0
 OUTPUT_LINES_KEPT = 200
 RUN_ENV = "PARTYWALL_BENCH_RUN"
@@ -81,6 +86,34 @@ RUN_ENV = "PARTYWALL_BENCH_RUN"
 #: are its own (--server-url, --server-pid, the secret in its environment), and
 #: the outputs (--report, --junit, --html, metrics) are the merged run's.
 _FOR_SHARDS = ("seed", "token_cmd", "identities", "ca_file", "insecure")
+
+
+# ---------------------------------------------------------------------------
+# The limits, from the settings
+# ---------------------------------------------------------------------------
+
+
+def go_timeout_s(config: configmod.Settings | Mapping[str, Any]) -> float:
+    """How long a shard waits for ``go`` after its ready line: the launcher's wait for ready lines, and a margin.
+
+    ``config`` is the settings (`partywall.config.Settings`, or its table).
+    """
+    return float(config["bench"]["shard_ready_timeout_s"]) + GO_MARGIN_S
+
+
+def gate_timeout_s(environ: Mapping[str, str]) -> float:
+    """The child's wait for ``go``: what its launcher put in `GO_TIMEOUT_ENV`, else that of the packaged defaults."""
+    text = environ.get(GO_TIMEOUT_ENV)
+    if text is None:
+        return go_timeout_s(configmod.defaults())
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise HarnessError(f"{GO_TIMEOUT_ENV} must be a finite number of seconds greater than 0 (got {text!r}); "
+                           "`partywall bench --workers N` or `--dask ADDRESS` sets it for the shards they start.")
+    return value
 
 
 # ---------------------------------------------------------------------------
@@ -94,14 +127,15 @@ def start_gate(mode: str, shard: tuple[int, int] | None) -> Callable[[], None]:
         raise HarnessError(f"--start-gate accepts {', '.join(GATE_MODES)} (got {mode!r}); it is set by "
                            "`partywall bench --workers N` or `--dask ADDRESS` for the shards they start.")
     label = f"{shard[0] + 1}/{shard[1]}" if shard is not None else None
+    timeout_s = gate_timeout_s(os.environ)
 
     def wait() -> None:
-        wait_at_gate(label)
+        wait_at_gate(label, timeout_s=timeout_s)
 
     return wait
 
 
-def wait_at_gate(label: str | None, *, timeout_s: float = GO_TIMEOUT_S, stdin_fd: int = 0,
+def wait_at_gate(label: str | None, *, timeout_s: float, stdin_fd: int = 0,
                  out: IO[str] | None = None) -> None:
     """Say ready on stdout, then wait up to ``timeout_s`` for a line ``go`` on ``stdin_fd``."""
     out = out if out is not None else sys.stdout
@@ -226,8 +260,11 @@ class Child:
         said = self.last_words()
         return f"it exited with code {code}" + (f" ({said})" if said else "")
 
-    def wait_ready(self, deadline: float, bound_s: float = READY_TIMEOUT_S) -> dict[str, Any]:
-        """The ready line's fields; ShardProblem when the child exits or the deadline passes first."""
+    def wait_ready(self, deadline: float, bound_s: float) -> dict[str, Any]:
+        """The ready line's fields; ShardProblem when the child exits or the deadline passes first.
+
+        ``bound_s`` is the wait the deadline stands for, as the problem names it.
+        """
         while not self._ready.wait(timeout=0.05):
             code = self.proc.poll()
             if code is not None:
@@ -373,11 +410,14 @@ def read_report(path: str) -> tuple[BenchReport | None, str]:
 
 
 def finish_budget_s(found: configmod.Settings) -> float:
-    """How long a shard may run after 'go': the bench's own budget for one user, and slack."""
+    """How long a shard may run after 'go': the bench's own budget for one user, and slack.
+
+    The slack (``bench.shard_finish_slack_s``) is for the shard's report and its driver's close.
+    """
     bench = found["bench"]
     per_user = (2 * float(found["connect_timeout_s"])
                 + float(bench["request_timeout_s"]) * (3 + int(bench["messages_per_user"])) + 15.0)
-    return per_user + FINISH_SLACK_S
+    return per_user + float(bench["shard_finish_slack_s"])
 
 
 # ---------------------------------------------------------------------------
@@ -400,6 +440,12 @@ class Launch:
             raise HarnessError("--start-gate is for the shards a launcher starts; leave it out with "
                                "--workers or --dask.")
         self.set_count(count)
+        # The limits of the launch ([bench] of the settings): from starting a shard to its ready
+        # line; a shard's wait for 'go' after it; reaching a Dask scheduler and finding a worker there.
+        bench = found["bench"]
+        self.ready_timeout_s = float(bench["shard_ready_timeout_s"])
+        self.go_timeout_s = go_timeout_s(found)
+        self.dask_connect_timeout_s = float(bench["dask_connect_timeout_s"])
         self.run_token = secrets.token_hex(8)
         self.words = shard_words(found)
         self.target: Target | None = None
@@ -445,7 +491,7 @@ class Launch:
                 cleanup()
 
     def shard_env(self) -> dict[str, str]:
-        extra = {RUN_ENV: self.run_token}
+        extra = {RUN_ENV: self.run_token, GO_TIMEOUT_ENV: repr(self.go_timeout_s)}
         if self.secret:
             extra[SECRET_ENV] = self.secret
         return extra
@@ -590,13 +636,13 @@ class ProcessLaunch(Launch):
 
     def _gate(self, children: Mapping[int, Child]) -> bool:
         """Wait for every ready line; True when all are ready and 'go' went out to all."""
-        deadline = time.monotonic() + READY_TIMEOUT_S
+        deadline = time.monotonic() + self.ready_timeout_s
         for s in self.shards:
             child = children.get(s.index)
             if child is None:
                 continue
             try:
-                info = child.wait_ready(deadline)
+                info = child.wait_ready(deadline, self.ready_timeout_s)
             except ShardProblem as exc:
                 s.exit_code = child.proc.poll()
                 s.problem = str(exc)
@@ -723,11 +769,11 @@ class DaskLaunch(Launch):
         for name in ("distributed", "tornado", "asyncio"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
         try:
-            client = distributed.Client(self.address, timeout=DASK_CONNECT_TIMEOUT_S, set_as_default=False)
+            client = distributed.Client(self.address, timeout=self.dask_connect_timeout_s, set_as_default=False)
         except Exception as exc:  # OSError and TimeoutError mostly; an address it cannot parse is a ValueError
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise HarnessError(f"cannot reach the Dask scheduler at {self.address} within "
-                               f"{DASK_CONNECT_TIMEOUT_S:g} s ({reason}); check --dask (tcp://HOST:PORT) and that "
+                               f"{self.dask_connect_timeout_s:g} s ({reason}); check --dask (tcp://HOST:PORT) and that "
                                "the scheduler runs.") from None
         return client
 
@@ -735,10 +781,10 @@ class DaskLaunch(Launch):
         client = self.connect()
         try:
             try:
-                client.wait_for_workers(1, timeout=DASK_CONNECT_TIMEOUT_S)
+                client.wait_for_workers(1, timeout=self.dask_connect_timeout_s)
             except Exception:
                 raise HarnessError(f"the Dask scheduler at {self.address} has no worker (waited "
-                                   f"{DASK_CONNECT_TIMEOUT_S:g} s); start `dask worker {self.address}`.") from None
+                                   f"{self.dask_connect_timeout_s:g} s); start `dask worker {self.address}`.") from None
             versions = client.run(worker_version, on_error="return")
             workers = sorted(versions)
             for addr in workers:
@@ -778,8 +824,8 @@ class DaskLaunch(Launch):
                 spec = {"index": s.index, "count": s.count, "version": __version__, "host": socket.gethostname(),
                         "words": self.words, "env": self.shard_env(), "url": self.url,
                         "server_pid": self.server_pid, "ready_queue": names["ready"], "go_event": names["go"],
-                        "verdict": names["verdict"], "ready_timeout_s": READY_TIMEOUT_S,
-                        "go_timeout_s": GO_TIMEOUT_S, "finish_s": finish_s}
+                        "verdict": names["verdict"], "ready_timeout_s": self.ready_timeout_s,
+                        "go_timeout_s": self.go_timeout_s, "finish_s": finish_s}
                 futures[s.index] = client.submit(
                     run_shard_task, spec, key=f"partywall-shard-{s.index + 1}-of-{s.count}-{self.run_token}",
                     workers=[addr], allow_other_workers=False, pure=False, retries=0)
@@ -821,13 +867,13 @@ class DaskLaunch(Launch):
                 self._absent.pop(s.where, None)
 
     def _barrier(self, client: Any, futures: Mapping[int, Any], ready_q: Any) -> bool:
-        deadline = time.monotonic() + READY_TIMEOUT_S + DASK_CONNECT_TIMEOUT_S
+        deadline = time.monotonic() + self.ready_timeout_s + self.dask_connect_timeout_s
         ready: dict[int, float] = {}
         while len(ready) < self.count and not any(s.problem for s in self.shards):
             if time.monotonic() >= deadline:
                 for s in self.shards:
                     if s.index not in ready and not s.problem:
-                        s.problem = f"it did not say ready within {READY_TIMEOUT_S:g} s"
+                        s.problem = f"it did not say ready within {self.ready_timeout_s:g} s"
                 break
             try:
                 note = ready_q.get(timeout=0.5)

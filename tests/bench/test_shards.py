@@ -10,8 +10,10 @@ What is checked: the merged report holds every user of every shard, its
 percentiles are the nearest-rank percentiles of the union of the shards'
 samples (recomputed here from the merged timeline), every shard's clock
 started at one instant even when one shard was ready long after the other
-(so the gate, not luck, lined them up), and a shard that dies or a scheduler
-that cannot be reached is one line and exit 2, with the report written.
+(so the gate, not luck, lined them up), and a shard that dies, never says
+ready, or a scheduler that cannot be reached is one line and exit 2, with the
+report written, within the limits the settings give
+(``bench.shard_ready_timeout_s``, ``bench.dask_connect_timeout_s``).
 """
 
 from __future__ import annotations
@@ -35,9 +37,22 @@ import psutil
 import pytest
 
 from partywall import __version__
+from partywall.config import resolve
 from partywall.errors import HarnessError
-from partywall.launch import Child, parse_ready, ready_problem, wait_at_gate
-from partywall.target import EmbeddedTarget
+from partywall.launch import (
+    GO_TIMEOUT_ENV,
+    Child,
+    ProcessLaunch,
+    child_command,
+    child_env,
+    empty_config,
+    finish_budget_s,
+    gate_timeout_s,
+    parse_ready,
+    ready_problem,
+    wait_at_gate,
+)
+from partywall.target import SECRET_ENV, EmbeddedTarget
 
 PER_USER = {"connect": 1, "agent_startup": 1, "first_chunk": 3, "response": 3, "history": 2, "reconnect": 1}
 #: Every shard's clock within this of the others' (the gate releases them within a few ms).
@@ -217,6 +232,107 @@ def test_a_shard_killed_mid_run_is_one_line_exit_2_and_the_report_names_it(tmp_p
     assert {row[0] % 2 for row in report["timeline"]["connect"]} == {0}
 
 
+def _stuck_token(folder: Path) -> tuple[str, Path]:
+    """A --token-cmd that never answers, so its shard never says ready, and the folder where each run of it
+    leaves a file named by its pid, holding the go-wait its shard was told (`GO_TIMEOUT_ENV`)."""
+    pids = folder / "pids"
+    pids.mkdir()
+    token = folder / "stuck_token.py"
+    token.write_text(textwrap.dedent(f"""
+        import os, pathlib, time
+        pathlib.Path({str(pids)!r}, str(os.getpid())).write_text(os.environ.get({GO_TIMEOUT_ENV!r}, "unset"))
+        time.sleep(60)
+    """), encoding="utf-8")
+    # The folder is on its command line, so `_end_stuck` knows its own processes by it.
+    return f"{shlex.quote(sys.executable)} {shlex.quote(str(token))} {shlex.quote(str(pids))}", pids
+
+
+def _end_stuck(pids: Path) -> None:
+    """End the stuck token commands by the pids they left (their shard, its credentials failing, ends too)."""
+    for f in pids.iterdir():
+        try:
+            proc = psutil.Process(int(f.name))
+            if str(pids) in proc.cmdline():
+                proc.kill()
+                proc.wait(10)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+            pass
+
+
+@pytest.mark.timeout(90)
+def test_a_shard_that_never_says_ready_is_named_within_the_configured_ready_timeout(
+        tmp_path: Path, slow_server: EmbeddedTarget) -> None:
+    # The shard's token command never answers, so the shard never says ready: the launcher must
+    # give up after bench.shard_ready_timeout_s (3 s here), not after its default of 120 s.
+    token_cmd, pids = _stuck_token(tmp_path)
+    out = tmp_path / "merged.json"
+    t = time.monotonic()
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "partywall.cli", "bench", "--workers", "1", "--users", "2", "--server-url",
+         str(slow_server.url), "--token-cmd", token_cmd, "--set", "bench.shard_ready_timeout_s=3",
+         "--report", str(out)],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, err = launcher.communicate(timeout=60)
+        took = time.monotonic() - t
+    finally:
+        if launcher.poll() is None:
+            for child in psutil.Process(launcher.pid).children(recursive=True):
+                child.kill()
+            launcher.kill()
+            launcher.wait(10)
+        _end_stuck(pids)
+    assert launcher.returncode == 2, stdout[-3000:] + err[-3000:]
+    said = err.strip().splitlines()
+    assert len(said) == 1, err
+    assert said[0].startswith("partywall: shard 1/1 (pid "), said
+    assert "it did not say ready within 3 s; no shard ran" in said[0], said
+    # 3 s for the ready line, 5 s of grace for the stuck shard to go, and the launcher's own start.
+    assert took < 30, took
+    report = _report(out)
+    assert report["ok"] is False and report["sharding"]["ran"] == []
+    assert report["sharding"]["missing"] == [{"shard": "1/1", "why": "it did not say ready within 3 s"}]
+    # The shard was told to wait for 'go' 30 s longer than its launcher waits for it (3 s).
+    told = [f.read_text() for f in pids.iterdir()]
+    assert told and set(told) == {"33.0"}, told
+
+
+@pytest.mark.timeout(60)
+def test_a_shard_waits_for_go_as_long_as_its_launcher_tells_it(tmp_path: Path, slow_server: EmbeddedTarget) -> None:
+    # The environment a launcher gives its shards carries the go-wait of its settings...
+    found = resolve({"workers": 2, "set": ["bench.shard_ready_timeout_s=7.5"]}, environ={}, cwd=tmp_path)
+    launch = ProcessLaunch(found, 2)
+    assert launch.shard_env()[GO_TIMEOUT_ENV] == "37.5"
+    assert gate_timeout_s(launch.shard_env()) == 37.5
+    assert gate_timeout_s({}) == 150.0  # a shard started by hand: the packaged default, 120 s + 30 s
+    for bad in ("0", "-1", "soon", "nan", "inf"):
+        with pytest.raises(HarnessError, match=GO_TIMEOUT_ENV):
+            gate_timeout_s({GO_TIMEOUT_ENV: bad})
+    # ... and a real shard, started as the launcher starts it, gives up on 'go' after that long.
+    argv = child_command(["--set", "bench.users=2"], config=empty_config(str(tmp_path)),
+                         report=str(tmp_path / "shard.json"), label="1/1", url=str(slow_server.url), server_pid=None)
+    env = child_env(os.environ, {GO_TIMEOUT_ENV: "1.5", SECRET_ENV: str(slow_server.secret)})
+    child = Child(argv, env, str(tmp_path), "1/1")
+    try:
+        child.wait_ready(time.monotonic() + 30, 30)
+        ready = time.monotonic()
+        code = child.wait(ready + 20)  # never 'go', but stdin stays open: only the shard's own wait ends it
+        waited = time.monotonic() - ready
+    finally:
+        child.stop()
+    assert code == 2, child.tail(40)
+    assert "the start gate got no 'go' within 1.5 s" in child.last_words(), child.tail(40)
+    assert 1.0 <= waited < 15, waited
+
+
+def test_the_finish_budget_takes_the_configured_slack(tmp_path: Path) -> None:
+    budget = {slack: finish_budget_s(resolve({"set": [f"bench.shard_finish_slack_s={slack}"]}, environ={},
+                                             cwd=tmp_path))
+              for slack in (60, 5)}
+    assert budget[60] - budget[5] == pytest.approx(55.0)
+    assert budget[60] == finish_budget_s(resolve(environ={}, cwd=tmp_path))
+
+
 # ---------------------------------------------------------------------------
 # The gate and the ready line, on their own
 # ---------------------------------------------------------------------------
@@ -231,7 +347,7 @@ def test_a_child_of_another_partywall_version_is_refused_by_its_ready_line(tmp_p
     for version, refused in (("0.0.0-other", True), (__version__, False)):
         child = child_saying(version)
         try:
-            info = child.wait_ready(time.monotonic() + 30)
+            info = child.wait_ready(time.monotonic() + 30, 30)
             problem = ready_problem(info, "1/2")
         finally:
             child.stop()
@@ -354,6 +470,32 @@ def test_dask_runs_one_shard_per_worker_of_a_real_cluster_and_merges_them(tmp_pa
     assert isinstance(report["server"]["pid"], int) and report["server"]["samples"] >= 2
 
 
+@pytest.mark.timeout(90)
+def test_dask_names_a_shard_that_never_says_ready_within_the_configured_ready_timeout(
+        tmp_path: Path, dask_cluster: str, slow_server: EmbeddedTarget) -> None:
+    # As with processes, on a worker: the task gives up on its shard after bench.shard_ready_timeout_s
+    # (2 s here). The client's own deadline is that plus bench.dask_connect_timeout_s (20 s here), so a
+    # task that kept the default of 120 s would be named only after 22 s.
+    token_cmd, pids = _stuck_token(tmp_path)
+    out = tmp_path / "merged.json"
+    t = time.monotonic()
+    try:
+        proc = _bench("--dask", dask_cluster, "--workers", "1", "--users", "2", "--server-url", str(slow_server.url),
+                      "--token-cmd", token_cmd, "--set", "bench.shard_ready_timeout_s=2",
+                      "--set", "bench.dask_connect_timeout_s=20", "--report", str(out), cwd=tmp_path, timeout=60)
+        took = time.monotonic() - t
+    finally:
+        _end_stuck(pids)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    said = proc.stderr.strip().splitlines()
+    assert len(said) == 1 and said[0].startswith("partywall: shard 1/1 (tcp://127.0.0.1:"), said
+    assert said[0].endswith("): it did not say ready within 2 s; no shard ran"), said
+    assert took < 20, took
+    assert _report(out)["sharding"]["missing"] == [{"shard": "1/1", "why": "it did not say ready within 2 s"}]
+    told = [f.read_text() for f in pids.iterdir()]
+    assert told and set(told) == {"32.0"}, told
+
+
 @pytest.mark.timeout(60)
 def test_dask_with_an_unreachable_scheduler_is_one_line_and_exit_2_in_bounded_time(tmp_path: Path) -> None:
     pytest.importorskip("distributed")
@@ -363,11 +505,15 @@ def test_dask_with_an_unreachable_scheduler_is_one_line_and_exit_2_in_bounded_ti
     address = f"tcp://127.0.0.1:{port}"
     out = tmp_path / "merged.json"
     t = time.monotonic()
-    proc = _bench("--dask", address, "--users", "10", "--report", str(out), cwd=tmp_path, timeout=45)
+    # bench.dask_connect_timeout_s bounds the wait: 1 s here, where the default of 10 s alone would take longer
+    # than the whole run may.
+    proc = _bench("--dask", address, "--users", "10", "--report", str(out), "--set", "bench.dask_connect_timeout_s=1",
+                  cwd=tmp_path, timeout=45)
     took = time.monotonic() - t
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
     said = proc.stderr.strip().splitlines()
-    assert len(said) == 1 and said[0].startswith(f"partywall: cannot reach the Dask scheduler at {address}"), said
-    assert took < 40
+    assert len(said) == 1 and said[0].startswith(f"partywall: cannot reach the Dask scheduler at {address} "
+                                                 "within 1 s"), said
+    assert took < 10
     report = _report(out)
     assert report["ok"] is False and address in report["error"] and report["sharding"]["mode"] == "dask"

@@ -8,6 +8,9 @@ the machine's variables can stand in for what a test sets up.
 from __future__ import annotations
 
 import importlib.resources
+import os
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -140,3 +143,72 @@ def test_config_every_option_follows_the_naming_rule_and_is_in_the_readme() -> N
         assert opt.pytest_flag == "--partywall-" + opt.name.replace("_", "-")
         row = f"| `{opt.flag}` | `{opt.env}` | `{opt.pytest_flag}` |"
         assert row in readme, f"the README's option table lacks {row}"
+
+
+SHARD_LIMITS = {"bench.shard_ready_timeout_s": 120.0, "bench.dask_connect_timeout_s": 10.0,
+                "bench.shard_finish_slack_s": 60.0}
+
+
+def test_config_shard_limits_have_their_packaged_defaults(tmp_path: Path) -> None:
+    found = resolve(cwd=tmp_path, environ={})
+    rows = {name: (value, source) for name, value, source in found.shown()}
+    for dotted, default in SHARD_LIMITS.items():
+        key = dotted.split(".")[1]
+        assert packaged()["bench"][key] == default
+        assert found["bench"][key] == default and isinstance(found["bench"][key], float)
+        assert rows[dotted] == (repr(default), DEFAULTS_SOURCE)
+
+
+def test_config_shard_limits_are_set_by_file_variable_and_option(tmp_path: Path) -> None:
+    project = write(tmp_path, "[tool.partywall.bench]\nshard_ready_timeout_s = 300\ndask_connect_timeout_s = 45.5\n")
+    found = resolve({}, environ={"PARTYWALL_SET": "bench.shard_finish_slack_s=90"}, cwd=tmp_path)
+    assert (found["bench"]["shard_ready_timeout_s"], found.sources["bench.shard_ready_timeout_s"]) == (300.0, str(project))
+    assert (found["bench"]["dask_connect_timeout_s"], found.sources["bench.dask_connect_timeout_s"]) == (45.5, str(project))
+    assert (found["bench"]["shard_finish_slack_s"], found.sources["bench.shard_finish_slack_s"]) == (90.0, "PARTYWALL_SET")
+    found = resolve({"set": ["bench.shard_ready_timeout_s=2.5", "bench.shard_finish_slack_s=1"]},
+                    environ={"PARTYWALL_SET": "bench.shard_finish_slack_s=90"}, cwd=tmp_path)
+    assert (found["bench"]["shard_ready_timeout_s"], found.sources["bench.shard_ready_timeout_s"]) == (2.5, "--set")
+    assert (found["bench"]["shard_finish_slack_s"], found.sources["bench.shard_finish_slack_s"]) == (1.0, "--set")
+    assert found["bench"]["dask_connect_timeout_s"] == 45.5
+
+
+@pytest.mark.parametrize("dotted", sorted(SHARD_LIMITS))
+@pytest.mark.parametrize(
+    "text, says",
+    [
+        ("0", "must be a finite number greater than 0 (got 0)"),
+        ("-5", "must be a finite number greater than 0 (got -5)"),
+        ("-0.5", "must be a finite number greater than 0 (got -0.5)"),
+        ("NaN", "must be a finite number greater than 0 (got nan)"),
+        ("Infinity", "must be a finite number greater than 0 (got inf)"),
+        ("soon", "must be a number (got 'soon')"),
+        ("true", "must be a number (got True)"),
+    ],
+)
+def test_config_bad_shard_limit_is_refused_from_the_command_line(tmp_path: Path, dotted: str, text: str,
+                                                                  says: str) -> None:
+    with pytest.raises(HarnessError) as info:
+        resolve({"set": [f"{dotted}={text}"]}, environ={}, cwd=tmp_path)
+    assert str(info.value) == f"--set: {dotted} {says}."
+    with pytest.raises(HarnessError) as info:
+        resolve({}, environ={"PARTYWALL_SET": f"{dotted}={text}"}, cwd=tmp_path)
+    assert str(info.value) == f"PARTYWALL_SET: {dotted} {says}."
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "'2 minutes'"])
+def test_config_bad_shard_limit_in_the_project_file_names_the_file(tmp_path: Path, value: str) -> None:
+    path = write(tmp_path, f"[tool.partywall.bench]\nshard_ready_timeout_s = {value}\n")
+    with pytest.raises(HarnessError) as info:
+        resolve({}, environ={}, cwd=tmp_path)
+    assert str(info.value).startswith(f"{path}: bench.shard_ready_timeout_s must be a ")
+
+
+def test_config_bad_shard_limit_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PARTYWALL_")}
+    for command in (["config"], ["bench", "--workers", "2"]):
+        proc = subprocess.run([sys.executable, "-m", "partywall.cli", *command,
+                               "--set", "bench.shard_ready_timeout_s=-1"],
+                              capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert proc.stderr.strip().splitlines() == [
+            "partywall: --set: bench.shard_ready_timeout_s must be a finite number greater than 0 (got -1)."]
