@@ -571,7 +571,9 @@ class Driver:
         try:
             await conn.ws.send_message(self.adapter.encode(req_type, req_id, fields))
         except ConnectionClosed:
-            self._mark_closed(conn, "closed while sending")
+            # Closed under it: the reader records that close, with the server's code, after
+            # every frame that came before it (marking it here would lose the code).
+            pass
         return pending
 
     async def send_raw(self, name: str, message: str | bytes, *, note: str, req_id: str, readable: bool | None,

@@ -39,7 +39,6 @@ from hypothesis import currently_in_test_context
 from hypothesis import event as _event
 from hypothesis import note as _note
 from hypothesis import strategies as st
-from hypothesis import target as _target
 from hypothesis.stateful import (
     Bundle,
     MultipleResults,
@@ -148,11 +147,6 @@ def event(text: str) -> None:
         _event(text)
 
 
-def target(value: float, label: str) -> None:
-    if currently_in_test_context():
-        _target(value, label=label)
-
-
 def recorded(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Record each call of a rule (name and arguments) in the machine's program."""
 
@@ -217,7 +211,6 @@ class TenantMachine(RuleBasedStateMachine):
         self.crashes = 0
         self.calls: dict[str, int] = {}
         self.settled_at = 0
-        self.starts_at_once = 0
         """The most agent starts one burst drew: what the example is pushed toward (a drawn count,
         never a server's answer, so the same seed draws the same programs)."""
         self.joined: dict[str, list[ThreadRef]] = {}
@@ -968,7 +961,6 @@ class TenantMachine(RuleBasedStateMachine):
     def burst(self, conns_: list[ConnRef], threads_: list[int], kinds: list[str], plan: ContentPlan) -> None:
         """Fire several operations at the same instant, on several connections."""
         ops = []
-        self.starts_at_once = max(self.starts_at_once, kinds.count("start_agent"))
         for i, kind in enumerate(kinds):
             conn = conns_[i % len(conns_)]
             thread = self._thread(threads_[i % len(threads_)])
@@ -1168,10 +1160,6 @@ class TenantMachine(RuleBasedStateMachine):
             self._call(self.driver.pause, 0.1)
 
     def teardown(self) -> None:
-        # Push generation toward examples that start many agents at one instant (queues,
-        # contention). Only drawn values may steer generation: a target read from the server's
-        # answers (how slowly its agents started) made two runs of one seed draw different programs.
-        target(float(self.starts_at_once), label="agent starts fired at one instant")
         try:
             if self.raised is None and self.harness_error is None and not self.driver.errors and not self.checker.found:
                 self.audit()

@@ -116,7 +116,8 @@ PROOFS: dict[str, Proof] = {
     "content_limit_code": Proof("protocol", "frames_match_schema", "fast"),
     "alg_none": Proof("isolation", "identity_as_token", "fast"),
     "expired_accepted": Proof("isolation", "identity_as_token", "fast"),
-    "any_path_accepted": Proof("isolation", "identity_as_token", "fast"),
+    # A server that serves every path also answers a refused token there with 401, not 404.
+    "any_path_accepted": Proof("isolation", "identity_as_token", "fast", also=("protocol/refused_as_specified",)),
     "query_wins": Proof("isolation", "identity_as_token", "fast"),
     "token_before_path": Proof("protocol", "refused_as_specified", "fast"),
     "refusal_says_why": Proof("protocol", "refused_as_specified", "fast"),

@@ -283,6 +283,34 @@ def test_liveness_timeout_and_death() -> None:
     assert [n for n, _ in s.found()] == ["liveness", "liveness"]
 
 
+@pytest.mark.parametrize("queued", [True, False])
+def test_timing_a_queued_message_is_timed_from_when_its_turn_could_begin(queued: bool) -> None:
+    # alice sends two messages in a row to T1; the first turn takes 3 s, so the second is acked
+    # only after it (the protocol's rule). Its own wait is what came after: 20 ms. Alone, the same
+    # 3 s before its ack is all its own, over the 1 s limit.
+    s = Sim(limits={"ack_ms": 1000})
+    s.connect("c0", "acme")
+    s.start("c0", "r0", "T1")
+    if queued:
+        s.request("c0", "r1", "user_message", thread_id="T1", content=f"{M1} one")
+    s.request("c0", "r2", "user_message", thread_id="T1", content=f"{M2} two")
+    if queued:
+        s.reply("c0", "r1", {"type": "ack", "thread_id": "T1", "message_id": "m1"})
+        s.ev("frame", "agent_chunk", "c0", "r1", dt=3.0,
+             frame={"type": "agent_chunk", "re": "r1", "thread_id": "T1", "seq": 0, "delta": f"echo: {M1} one"})
+        s.reply("c0", "r1", {"type": "agent_response", "thread_id": "T1", "message_id": "m2",
+                             "content": f"echo: {M1} one"})
+        s.ev("ok", "user_message", "c0", "r1", data={"latency_ms": 3000.0})
+    else:
+        s.t += 3.0
+    s.reply("c0", "r2", {"type": "ack", "thread_id": "T1", "message_id": "m3"})
+    s.reply("c0", "r2", {"type": "agent_chunk", "thread_id": "T1", "seq": 0, "delta": f"echo: {M2} two"})
+    s.reply("c0", "r2", {"type": "agent_response", "thread_id": "T1", "message_id": "m4", "content": f"echo: {M2} two"})
+    s.ev("ok", "user_message", "c0", "r2", data={"latency_ms": 3050.0})
+    found = [(check, title.split(" took")[0]) for _, check, title in s.by_check()]
+    assert found == ([] if queued else [("within_limits", "ack")])
+
+
 def test_timing_per_operation_and_percentiles() -> None:
     s = Sim(limits={"start_agent_ms": 100})
     s.connect("c0", "acme")

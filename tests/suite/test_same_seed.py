@@ -23,8 +23,8 @@ def run(folder: Path, server_delays: str) -> dict:
     folder.mkdir()
     server = f"{sys.executable} -m partywall_agentserver --port 0 --db {folder / 's.db'} {server_delays}"
     report = folder / "report.json"
-    # 60 short examples: enough for Hypothesis to reach its targeting phase, where a target
-    # read from the server's timing (an earlier version's) made the two runs diverge.
+    # 60 short examples against two servers of different speeds: a draw that read the
+    # server's timing (as an earlier version's target did) would make the two runs diverge.
     proc = subprocess.run([sys.executable, "-m", "partywall.cli", "run", "--profile", "smoke", "--server-cmd", server,
                            "--auth-secret", SECRET, "--report", str(report),
                            "--set", "profiles.smoke.max_examples=60", "--set", "profiles.smoke.stateful_step_count=10"],
