@@ -47,10 +47,29 @@ HOSTILE = (
 )
 
 
+#: What everyday users send, which a server must keep byte for byte: a pasted paragraph's
+#: trailing newline, indentation and trailing spaces (trimmed by a careless copy), Windows line
+#: ends, a precomposed and a combining accent (merged by a normalising one), no-break and
+#: full-width spaces, right-to-left scripts, emoji with skin tones and joiners.
+EVERYDAY = (
+    "thanks!\n",
+    "Could you summarise this?\n\n",
+    "  indented code:\n\tif x:\n\t\treturn y\n",
+    "trailing spaces   ",
+    "Windows line ends\r\n",
+    "caf\u00e9 and cafe\u0301",
+    "\u00a0no-break\u00a0spaces\u00a0",
+    "full-width\u3000space\u3000",
+    "\u05e9\u05dc\u05d5\u05dd \u0645\u0631\u062d\u0628\u0627",
+    "\U0001f469\U0001f3fd\u200d\U0001f4bb ok \U0001f44d\U0001f3fd ",
+)
+
+
 @st.composite
 def contents(draw: st.DrawFn) -> ContentPlan:
     """A content plan. Mostly short text drawn from all of Unicode (astral and
-    non-Latin-1 characters included) or text an attacker sends (`HOSTILE`); sometimes empty, half the service's
+    non-Latin-1 characters included), text everyday users send (`EVERYDAY`) or text an
+    attacker sends (`HOSTILE`); sometimes empty, half the service's
     content limit (8 KiB in protocol v1), exactly the limit (16,384 bytes), or
     one byte over. Shrinks toward short empty text."""
     size = draw(_SIZE)
@@ -64,7 +83,7 @@ def contents(draw: st.DrawFn) -> ContentPlan:
 # Built once: a strategy built inside `contents` at every draw cost Hypothesis a fresh
 # analysis each time (the same draws either way, so the same seed gives the same program).
 _SIZE = st.sampled_from(SIZES)
-_SHORT = st.one_of(st.text(TEXT_CHARS, max_size=40), st.sampled_from(HOSTILE))
+_SHORT = st.one_of(st.text(TEXT_CHARS, max_size=40), st.sampled_from(EVERYDAY), st.sampled_from(HOSTILE))
 # No control characters in a filler: JSON writes each as a six-byte escape, so a message at
 # the content limit would make a frame past the frame limit, which the model does not expect.
 _FILLER = st.one_of(st.just("a"), st.sampled_from(["é", "€", "😀", "中"]), FILLER_CHARS)
