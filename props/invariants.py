@@ -536,9 +536,10 @@ _LIMIT_OF = {"connect": "connect_ms", "start_agent": "start_agent_ms", "user_mes
 
 @register("timing")
 def within_limits(model: Model, ev: Event, frame: Frame | None) -> Iterator[Violation]:
-    """No single operation takes longer than the profile's limit for it. A message's ack and reply
-    are timed from when its turn could begin: a thread runs one turn at a time, so one sent while
-    another turn of its thread ran waits for it (the protocol's rule), and that wait is not its own."""
+    """No single operation takes longer than the profile's limit for it; a message is timed from when its turn could begin.
+
+    A thread runs one turn at a time, so a message sent while another turn of its thread ran
+    waits for it (the protocol's rule): that wait is not its own."""
     if ev.kind == "ok" and ev.op in _LIMIT_OF and "latency_ms" in ev.data:
         limit = model.limits.get(_LIMIT_OF[ev.op])
         actual = float(ev.data["latency_ms"])
