@@ -418,18 +418,7 @@ def limit_keeps_oldest(components: Components) -> Components:
 class CountUserMessagesOnlyStorage(Storage):
     """`list_threads`' `message_count` counts user messages only, not the replies."""
 
-    async def list_threads(self, tenant: str) -> list[ThreadSummary]:
-        def load(db: sqlite3.Connection) -> list[ThreadSummary]:
-            rows = db.execute(
-                "SELECT t.id, a.name, t.created_at,"
-                " (SELECT COUNT(*) FROM messages m WHERE m.thread_id = t.id AND m.role = 'user')"
-                " FROM threads t JOIN assistants a ON a.id = t.assistant_id"
-                " WHERE t.tenant = ? ORDER BY t.rowid",
-                (tenant,),
-            ).fetchall()
-            return [ThreadSummary(*row) for row in rows]
-
-        return await self.read(load)
+    MESSAGE_COUNT_SQL = "(SELECT COUNT(*) FROM messages m WHERE m.thread_id = t.id AND m.role = 'user')"
 
 
 def count_user_messages_only(components: Components) -> Components:
@@ -440,19 +429,8 @@ class CountPerAssistantStorage(Storage):
     """`message_count` counts the messages of every thread of the thread's assistant (the count
     joined on the assistant instead of the thread): one thread's count includes its siblings'."""
 
-    async def list_threads(self, tenant: str) -> list[ThreadSummary]:
-        def load(db: sqlite3.Connection) -> list[ThreadSummary]:
-            rows = db.execute(
-                "SELECT t.id, a.name, t.created_at,"
-                " (SELECT COUNT(*) FROM messages m JOIN threads s ON s.id = m.thread_id"
-                "  WHERE s.assistant_id = t.assistant_id)"
-                " FROM threads t JOIN assistants a ON a.id = t.assistant_id"
-                " WHERE t.tenant = ? ORDER BY t.rowid",
-                (tenant,),
-            ).fetchall()
-            return [ThreadSummary(*row) for row in rows]
-
-        return await self.read(load)
+    MESSAGE_COUNT_SQL = ("(SELECT COUNT(*) FROM messages m JOIN threads s ON s.id = m.thread_id"
+                         " WHERE s.assistant_id = t.assistant_id)")
 
 
 def count_per_assistant(components: Components) -> Components:

@@ -573,11 +573,13 @@ class Storage:
 
         return await self.read(load)
 
+    #: A listed thread ``t``'s `message_count`, as SQL: its user messages and replies.
+    MESSAGE_COUNT_SQL = "(SELECT COUNT(*) FROM messages m WHERE m.thread_id = t.id)"
+
     async def list_threads(self, tenant: str) -> list[ThreadSummary]:
         def load(db: sqlite3.Connection) -> list[ThreadSummary]:
             rows = db.execute(
-                "SELECT t.id, a.name, t.created_at,"
-                " (SELECT COUNT(*) FROM messages m WHERE m.thread_id = t.id)"
+                f"SELECT t.id, a.name, t.created_at, {self.MESSAGE_COUNT_SQL}"
                 " FROM threads t JOIN assistants a ON a.id = t.assistant_id"
                 " WHERE t.tenant = ? ORDER BY t.rowid",
                 (tenant,),
