@@ -211,8 +211,6 @@ class TenantMachine(RuleBasedStateMachine):
         self.crashes = 0
         self.calls: dict[str, int] = {}
         self.settled_at = 0
-        """The most agent starts one burst drew: what the example is pushed toward (a drawn count,
-        never a server's answer, so the same seed draws the same programs)."""
         self.joined: dict[str, list[ThreadRef]] = {}
         """Threads each connection has joined, by the program's own account (its intent, not the server's)."""
         self.tenant_threads: dict[str, list[ThreadRef]] = {}
