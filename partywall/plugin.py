@@ -264,6 +264,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     elif run.error is not None or exitstatus != 0:
         # Nothing ran here and something went wrong. (An xdist controller, whose workers
         # ran the properties and wrote the reports, has neither and writes nothing.)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(error_report(run.error or f"pytest stopped with exit status {int(exitstatus)}"),
                                          indent=2) + "\n")
 

@@ -165,7 +165,10 @@ class Session:
         }
 
     def write_report(self, path: str | os.PathLike[str]) -> None:
-        Path(path).write_text(json.dumps(self.to_json(), indent=2, ensure_ascii=False, default=str) + "\n")
+        """Write the JSON report, making its folder if need be (as the bench's report does)."""
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(self.to_json(), indent=2, ensure_ascii=False, default=str) + "\n")
 
 
 def session_from_settings(found: Any, *, seed: int, profile: str,

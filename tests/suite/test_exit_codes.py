@@ -55,13 +55,16 @@ def broken_adapter(tmp_path: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def finding(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real replay file, from a run that found a planted fault."""
+    """A real replay file, from a run that found a planted fault (its report goes to a folder
+    that does not exist yet: the run makes it)."""
     folder = tmp_path_factory.mktemp("finding")
+    report = folder / "reports" / "r.json"
     proc = partywall("run", "--profile", "ci", "--server-cmd", faulty_server(folder, "case_insensitive_user"),
-                     "--auth-secret", SECRET, "--report", str(folder / "r.json"), "--replay-dir", str(folder),
+                     "--auth-secret", SECRET, "--report", str(report), "--replay-dir", str(folder),
                      "--set", "shrink_seconds=10", cwd=folder)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
-    return Path(json.loads((folder / "r.json").read_text())["violations"][0]["replay"])
+    assert "Traceback" not in proc.stdout + proc.stderr
+    return Path(json.loads(report.read_text())["violations"][0]["replay"])
 
 
 def assert_harness_failure(proc: subprocess.CompletedProcess[str], report: Path, says: str) -> None:

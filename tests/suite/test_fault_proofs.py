@@ -104,7 +104,8 @@ PROOFS: dict[str, Proof] = {
     "sticky_subscription": Proof("routing", "fanout_to_members", "streaming", also=("routing/turn_whole_or_nothing",)),
     # The acked message lost in the crash is also missing from the thread's count: a list_threads
     # read after the restart may see that first.
-    "lazy_commit": Proof("durability", "history_keeps_commits", "fast", also=("durability/threads_kept",)),
+    "lazy_commit": Proof("durability", "history_keeps_commits", "fast", deterministic=False,
+                         also=("durability/threads_kept",)),
     "queued_turn_double_reply": Proof("exactly-once", "one_complete_reply", "short_reply_limit", deterministic=False),
     # Random message ids put a message and its reply in the right order half the time. Read with
     # a limit, the same bug picks the wrong messages for the window (the newest by id).
@@ -141,7 +142,10 @@ PROOFS: dict[str, Proof] = {
     "count_user_messages_only": Proof("durability", "threads_kept", "fast", deterministic=False),
     # A count over the assistant's threads: one thread's message_count takes in its siblings'. How
     # many of theirs are committed when the list is read follows their turns' timing.
-    "count_per_assistant": Proof("durability", "threads_kept", "fast", deterministic=False),
+    "count_per_assistant": Proof("durability", "threads_kept", "fast", deterministic=False,
+                                 bench_only="how many of the siblings' messages are committed when the list is "
+                                            "read follows their turns' timing: beside .ci/run's other worker the "
+                                            "shrunk program reproduced 0 of 3 times and in none of 3 replays"),
     # The SIGKILL must fall inside a turn (committed, not yet answered). The audit waits the reply limit
     # for the missing reply: a short one keeps each replay of shrinking short. A message sent to the
     # thread after the restart lands behind the unanswered one.
@@ -232,7 +236,8 @@ def control(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Outcome
 def test_fault_proofs_cover_every_planted_fault() -> None:
     assert sorted(PROOFS) == sorted(FAULTS)
     # Proven by ci/bench_faults.py only: few, and each says why.
-    assert [f for f, p in PROOFS.items() if p.bench_only] == ["serial_startup", "recovery_uncommitted"]
+    assert [f for f, p in PROOFS.items() if p.bench_only] == ["serial_startup", "count_per_assistant",
+                                                              "recovery_uncommitted"]
     # Shown by the fixed opening of every example: few, and each says why.
     assert [f for f, p in PROOFS.items() if p.in_opening] == ["counter_thread_ids", "startup_in_microseconds"]
 
