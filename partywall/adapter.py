@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import itertools
 import json
 import math
 import unicodedata
@@ -281,6 +282,10 @@ class Adapter:
         """Whether the service must accept ``value`` as an id."""
         return valid_id(value, self.limits.max_id)
 
+    bearer_spellings: ClassVar[tuple[str, ...]] = ("bearer", "Bearer", "BEARER")
+    """The header's scheme name, spelt each of these ways in turn, one handshake after another
+    (PROTOCOL.md: "the scheme name is case-insensitive")."""
+
     def handshake(self, url: str, token: str, via: str) -> tuple[str, list[tuple[str, str]]]:
         """Return the URL to open and the extra headers, for a token sent ``via`` header or query.
 
@@ -289,7 +294,9 @@ class Adapter:
         if via in ("header", "query") and not token:
             return url, []
         if via == "header":
-            return url, [("Authorization", f"Bearer {token}")]
+            turn = self.__dict__.setdefault("_header_turns", itertools.count())
+            scheme = self.bearer_spellings[next(turn) % len(self.bearer_spellings)]
+            return url, [("Authorization", f"{scheme} {token}")]
         if via == "query":
             parts = urlsplit(url)
             query = (parts.query + "&" if parts.query else "") + "token=" + quote(token, safe="")

@@ -104,6 +104,7 @@ INSTEAD: dict[str, str] = {
     "other_alg": "tampered",
     "expired": "tampered",
     "exp_string": "tampered",
+    "missing_exp": "tampered",
     "missing_tid": "missing",
     "missing_sub": "missing",
     "blank_sub": "tampered",

@@ -21,6 +21,7 @@ BAD_TOKEN_KINDS = (
     "other_alg",  # HS512 with the right secret
     "expired",  # exp a second in the past
     "exp_string",  # exp as a numeric string
+    "missing_exp",  # no exp at all (PyJWT checks exp only when it is there)
     "missing_tid",
     "missing_sub",
     "blank_sub",  # whitespace inside the user id
@@ -63,6 +64,8 @@ def mint_bad(kind: str, secret: str, tenant: str, user: str) -> str:
         return jwt.encode({**good, "exp": time.time() - 1.0}, secret, algorithm="HS256")
     if kind == "exp_string":
         return jwt.encode({**good, "exp": str(int(exp))}, secret, algorithm="HS256")
+    if kind == "missing_exp":
+        return jwt.encode({"tid": tenant, "sub": user}, secret, algorithm="HS256")
     if kind == "missing_tid":
         return jwt.encode({"sub": user, "exp": exp}, secret, algorithm="HS256")
     if kind == "missing_sub":

@@ -222,6 +222,38 @@ def query_wins(components: Components) -> Components:
     return attrs.evolve(components, authenticator=QueryWinsAuthenticator)
 
 
+class BearerCaseSensitiveAuthenticator(Authenticator):
+    """Takes the token only after exactly ``Bearer ``, as a prefix test does: the scheme name is
+    case-insensitive, so ``bearer`` and ``BEARER`` are refused wrongly."""
+
+    @staticmethod
+    def token_from(headers: Sequence[tuple[bytes, bytes]], target: str) -> str | None:
+        token = Authenticator.token_from(headers, target)
+        auth = [value for name, value in headers if name.lower() == b"authorization"]
+        if auth and not auth[0].startswith(b"Bearer "):
+            return None
+        return token
+
+
+def bearer_case_sensitive(components: Components) -> Components:
+    return attrs.evolve(components, authenticator=BearerCaseSensitiveAuthenticator)
+
+
+class ExpOptionalAuthenticator(Authenticator):
+    """Checks `exp` only when the token has one, as PyJWT does by default: a token without
+    `exp` never expires, and the protocol requires the claim."""
+
+    @staticmethod
+    def check_claims(claims: dict[str, Any], now: float) -> Principal | None:
+        if "exp" in claims:
+            return Authenticator.check_claims(claims, now)
+        return Authenticator.check_claims({**claims, "exp": now + 1.0}, now)  # as if still valid
+
+
+def exp_optional(components: Components) -> Components:
+    return attrs.evolve(components, authenticator=ExpOptionalAuthenticator)
+
+
 class ListAllTenantsStorage(Storage):
     """`list_threads` forgets its tenant filter and lists every thread on the server."""
 
@@ -357,6 +389,35 @@ def rejoin_mid_turn(components: Components) -> Components:
 
 
 # -- durability --------------------------------------------------------------
+
+
+class FirstAuthorStorage(Storage):
+    """History names the thread's first author as the author of every user message, as a
+    query that reads a per-thread author instead of the message's own does."""
+
+    async def history(self, thread: ThreadRecord, limit: int | None) -> list[MessageRecord]:
+        messages = await super().history(thread, limit)
+        everything = messages if limit is None else await super().history(thread, None)
+        first = next((m.user for m in everything if m.role == "user"), None)
+        return [attrs.evolve(m, user=first) if m.role == "user" else m for m in messages]
+
+
+def history_first_author(components: Components) -> Components:
+    return attrs.evolve(components, storage=FirstAuthorStorage)
+
+
+class ListedAssistantIdStorage(Storage):
+    """`list_threads` names each thread's assistant by its id, not by its name."""
+
+    async def list_threads(self, tenant: str) -> list[ThreadSummary]:
+        threads = await super().list_threads(tenant)
+        ids = dict(await self.read(lambda db: db.execute(
+            "SELECT id, assistant_id FROM threads WHERE tenant = ?", (tenant,)).fetchall()))
+        return [attrs.evolve(t, assistant=ids.get(t.thread_id, t.assistant)) for t in threads]
+
+
+def listed_assistant_id(components: Components) -> Components:
+    return attrs.evolve(components, storage=ListedAssistantIdStorage)
 
 #: How often the lazy buffer is written.
 LAZY_FLUSH_SECONDS: Final = 2.0
@@ -529,6 +590,18 @@ def queued_turn_double_reply(components: Components) -> Components:
     return attrs.evolve(components, scheduler=QueuedTurnDoubleReplyScheduler)
 
 
+class FinalReplyTrimmedAgent(Agent):
+    """Tidies the finished reply (surrounding whitespace stripped) after its chunks went out
+    as they were: the chunks' deltas no longer add up to the `agent_response` content."""
+
+    async def stream(self, content: str, emit: Callable[[str], None]) -> str:
+        return (await super().stream(content, emit)).strip()
+
+
+def final_reply_trimmed(components: Components) -> Components:
+    return attrs.evolve(components, agent=FinalReplyTrimmedAgent)
+
+
 # -- ordering ----------------------------------------------------------------
 
 
@@ -658,6 +731,42 @@ class ContentLimitCodeParser(RequestParser):
 
 def content_limit_code(components: Components) -> Components:
     return attrs.evolve(components, parser=ContentLimitCodeParser)
+
+
+class BlankContentRefusedParser(RequestParser):
+    """Refuses a message that is empty or only whitespace ("nothing to answer"); the protocol
+    says `content` may be empty."""
+
+    def check_content(self, content: str, request_id: str) -> None:
+        if not content.strip():
+            raise ProtocolError(BAD_REQUEST, "`content` must not be blank.", request_id)
+        super().check_content(content, request_id)
+
+
+def blank_content_refused(components: Components) -> Components:
+    return attrs.evolve(components, parser=BlankContentRefusedParser)
+
+
+class HistoryNeedsJoinHub(Hub):
+    """Serves a thread's history only to connections that joined it ("members only"), a
+    check the protocol does not make: `get_history` needs no join."""
+
+    NEEDS_JOIN = frozenset({"user_message", "get_history"})
+
+
+def history_needs_join(components: Components) -> Components:
+    return attrs.evolve(components, hub=HistoryNeedsJoinHub)
+
+
+class LeaveNeedsJoinHub(Hub):
+    """Refuses to leave a thread the connection has not joined, as if that were a mistake;
+    the protocol answers `left` all the same."""
+
+    NEEDS_JOIN = frozenset({"user_message", "leave_thread"})
+
+
+def leave_needs_join(components: Components) -> Components:
+    return attrs.evolve(components, hub=LeaveNeedsJoinHub)
 
 
 class VerboseErrorsParser(RequestParser):
@@ -861,6 +970,14 @@ FAULTS: Final[dict[str, Modifier]] = {
     "assistant_id_is_agent_id": assistant_id_is_agent_id,
     "rate_limit_bucket": rate_limit_bucket,
     "shutdown_closes_1000": shutdown_closes_1000,
+    "bearer_case_sensitive": bearer_case_sensitive,
+    "exp_optional": exp_optional,
+    "final_reply_trimmed": final_reply_trimmed,
+    "history_first_author": history_first_author,
+    "listed_assistant_id": listed_assistant_id,
+    "blank_content_refused": blank_content_refused,
+    "history_needs_join": history_needs_join,
+    "leave_needs_join": leave_needs_join,
 }
 
 

@@ -47,6 +47,14 @@ class Hub:
             if not subscribers:
                 del self._subscribers[thread_id]
 
+    #: Requests that need the connection to have joined the thread they name (PROTOCOL.md:
+    #: `user_message` does; `get_history` and `leave_thread` do not).
+    NEEDS_JOIN: frozenset[str] = frozenset({"user_message"})
+
+    def needs_join(self, request_type: str) -> bool:
+        """Whether a request of this type is refused (`bad_request`) on a thread not joined."""
+        return request_type in self.NEEDS_JOIN
+
     def has_joined(self, conn: Connection, thread_id: str) -> bool:
         """Whether `conn` may post to the thread."""
         threads = self._joined.get(conn)

@@ -360,6 +360,7 @@ class AgentServer:
         if not self.hub.has_joined(conn, request.thread_id):
             # Not joined: still `left`, but only for a thread of this tenant.
             await self._find(conn, request.thread_id)
+            self._refuse_unjoined(request, "leave_thread")
         self.hub.leave(conn, request.thread_id)
         conn.send(encode({"type": "left", "re": request.id, "thread_id": request.thread_id}))
 
@@ -377,9 +378,15 @@ class AgentServer:
 
     async def _not_joined(self, conn: Connection, request: UserMessage) -> None:
         await self._find(conn, request.thread_id)  # not_found first, for foreign threads
-        raise ProtocolError(
-            BAD_REQUEST, "Join the thread (join_thread) before posting to it.", request.id
-        )
+        self._refuse_unjoined(request, "user_message")
+
+    def _refuse_unjoined(self, request: Request, request_type: str) -> None:
+        """`bad_request` for a request on a thread of the tenant this connection has not joined,
+        where the hub says that request needs a join."""
+        if self.hub.needs_join(request_type):
+            raise ProtocolError(
+                BAD_REQUEST, "Join the thread (join_thread) before this request.", request.id
+            )
 
     async def _start_agent(
         self, conn: Connection, request: StartAgent, requests: trio.Nursery
@@ -412,6 +419,8 @@ class AgentServer:
 
     async def _history_task(self, conn: Connection, request: GetHistory) -> None:
         thread = await self._find(conn, request.thread_id)
+        if not self.hub.has_joined(conn, thread.thread_id):
+            self._refuse_unjoined(request, "get_history")
         messages = await self.storage.history(thread, request.limit)
         conn.send(
             encode(

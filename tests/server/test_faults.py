@@ -22,7 +22,7 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from .test_handshake import raw_handshake, status_of
-from .wsclient import FAST, ServerProcess, b64url, make_token, new_thread, open_client, run
+from .wsclient import FAST, OMIT, ServerProcess, b64url, make_token, new_thread, open_client, run
 
 PACED = ["--startup-ms", "0:0", "--chunks", "4", "--chunk-delay-ms", "60:60"]
 
@@ -828,3 +828,136 @@ def test_fault_shutdown_closes_1000_says_normal_closure_on_sigterm(start_server:
             assert await client.wait_closed() == 1000
 
     run(main)
+
+
+def test_fault_bearer_case_sensitive_refuses_a_lower_case_scheme(
+    start_server: Any, fast_server: ServerProcess
+) -> None:
+    server = start_server(*FAST, "--fault", "bearer_case_sensitive")
+    token = make_token()
+    for scheme in ("bearer", "BEARER"):
+        headers = {"Authorization": f"{scheme} {token}"}
+        assert raw_handshake(server, "/ws", headers)[0] == 401, scheme
+        assert raw_handshake(fast_server, "/ws", headers)[0] == 101, scheme
+    assert status_of(server, token) == 101  # "Bearer" as written in PROTOCOL.md still opens
+
+
+def test_fault_exp_optional_lets_a_token_without_exp_in(
+    start_server: Any, fast_server: ServerProcess
+) -> None:
+    server = start_server(*FAST, "--fault", "exp_optional")
+    forever = make_token(exp=OMIT)
+    assert status_of(server, forever) == 101
+    assert status_of(fast_server, forever) == 401
+    assert status_of(server, make_token(ttl=-1.0)) == 401  # an exp that is there is still checked
+
+
+def test_fault_final_reply_trimmed_sends_a_content_its_chunks_do_not_add_up_to(
+    start_server: Any, fast_server: ServerProcess, tenant: str
+) -> None:
+    server = start_server(*FAST, "--fault", "final_reply_trimmed")
+
+    async def deltas_and_content(target: ServerProcess) -> tuple[str, str]:
+        async with open_client(target, tenant + "-trim") as client:
+            frames = await client.turn(await new_thread(client), "a line\n")
+            deltas = "".join(f["delta"] for f in frames if f["type"] == "agent_chunk")
+            return deltas, frames[-1]["content"]
+
+    async def main() -> None:
+        assert await deltas_and_content(server) == ("echo: a line\n", "echo: a line")
+        assert await deltas_and_content(fast_server) == ("echo: a line\n", "echo: a line\n")
+
+    run(main)
+
+
+def test_fault_history_first_author_names_the_first_poster_for_every_message(
+    start_server: Any, fast_server: ServerProcess, tenant: str
+) -> None:
+    server = start_server(*FAST, "--fault", "history_first_author")
+
+    async def authors(target: ServerProcess) -> list[str]:
+        async with open_client(target, tenant, "alice") as alice, open_client(target, tenant, "bob") as bob:
+            thread_id = await new_thread(alice)
+            await bob.call("join_thread", "joined", thread_id=thread_id)
+            await alice.turn(thread_id, "from alice")
+            await bob.turn(thread_id, "from bob")
+            history = await bob.call("get_history", "history", thread_id=thread_id)
+            return [m["user"] for m in history["messages"] if m["role"] == "user"]
+
+    async def main() -> None:
+        assert await authors(server) == ["alice", "alice"]
+        assert await authors(fast_server) == ["alice", "bob"]
+
+    run(main)
+
+
+def test_fault_listed_assistant_id_lists_the_assistants_id_as_its_name(
+    start_server: Any, fast_server: ServerProcess, tenant: str
+) -> None:
+    server = start_server(*FAST, "--fault", "listed_assistant_id")
+
+    async def listed(target: ServerProcess) -> tuple[str, str]:
+        async with open_client(target, tenant + "-list") as client:
+            started = await client.call("start_agent", "agent_started", assistant="helper")
+            threads = await client.call("list_threads", "threads")
+            return started["assistant_id"], threads["threads"][0]["assistant"]
+
+    async def main() -> None:
+        assistant_id, name = await listed(server)
+        assert name == assistant_id
+        assert (await listed(fast_server))[1] == "helper"
+
+    run(main)
+
+
+def test_fault_blank_content_refused_refuses_an_empty_message(
+    start_server: Any, fast_server: ServerProcess, tenant: str
+) -> None:
+    server = start_server(*FAST, "--fault", "blank_content_refused")
+
+    async def answers(target: ServerProcess) -> list[str]:
+        async with open_client(target, tenant + "-blank") as client:
+            thread_id = await new_thread(client)
+            got = []
+            for content in ("", " \n", "x"):
+                answer = await client.call("user_message", thread_id=thread_id, content=content)
+                got.append(answer["code"] if answer["type"] == "error" else answer["type"])
+                if answer["type"] == "ack":
+                    await client.reply(answer["re"], "agent_response")
+            return got
+
+    async def main() -> None:
+        assert await answers(server) == ["bad_request", "bad_request", "ack"]
+        assert await answers(fast_server) == ["ack", "ack", "ack"]
+
+    run(main)
+
+
+def _unjoined_answer(target: ServerProcess, tenant: str, request: str, expect: str) -> str:
+    """The answer to ``request`` on a thread of the tenant that the asking connection has not joined."""
+    answer: dict[str, Any] = {}
+
+    async def main() -> None:
+        async with open_client(target, tenant, "alice") as alice, open_client(target, tenant, "bob") as bob:
+            thread_id = await new_thread(alice)
+            reply = await bob.call(request, expect, thread_id=thread_id)
+            answer.update(reply)
+
+    run(main)
+    return answer["code"] if answer["type"] == "error" else answer["type"]
+
+
+def test_fault_history_needs_join_refuses_a_reader_who_has_not_joined(
+    start_server: Any, fast_server: ServerProcess, tenant: str
+) -> None:
+    server = start_server(*FAST, "--fault", "history_needs_join")
+    assert _unjoined_answer(server, tenant, "get_history", "history") == "bad_request"
+    assert _unjoined_answer(fast_server, tenant, "get_history", "history") == "history"
+
+
+def test_fault_leave_needs_join_refuses_to_leave_a_thread_not_joined(
+    start_server: Any, fast_server: ServerProcess, tenant: str
+) -> None:
+    server = start_server(*FAST, "--fault", "leave_needs_join")
+    assert _unjoined_answer(server, tenant, "leave_thread", "left") == "bad_request"
+    assert _unjoined_answer(fast_server, tenant, "leave_thread", "left") == "left"

@@ -181,6 +181,18 @@ PROOFS: dict[str, Proof] = {
     "shutdown_closes_1000": Proof("protocol", "shutdown_closes_1001", "fast"),
     # The pipeline rule's 16 to 64 reads at once empty the bucket of 8, however fast they are answered.
     "rate_limit_bucket": Proof("protocol", "right_outcome", "fast"),
+    "bearer_case_sensitive": Proof("liveness", "valid_token_accepted", "fast",
+                                   in_opening="the opening's header handshakes spell the scheme bearer, Bearer, "
+                                              "BEARER in turn"),
+    "exp_optional": Proof("isolation", "identity_as_token", "fast"),
+    "final_reply_trimmed": Proof("exactly-once", "one_complete_reply", "fast"),
+    "history_first_author": Proof("durability", "history_keeps_commits", "fast"),
+    "listed_assistant_id": Proof("protocol", "replies_as_predicted", "fast"),
+    "blank_content_refused": Proof("protocol", "right_outcome", "fast"),
+    "history_needs_join": Proof("protocol", "right_outcome", "fast",
+                                in_opening="every example ends by reading each thread's history from a fresh "
+                                           "connection of its tenant, which has not joined it"),
+    "leave_needs_join": Proof("protocol", "right_outcome", "fast"),
 }
 
 SECRET = "proof-secret-" + "x" * 32
