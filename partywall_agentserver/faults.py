@@ -48,6 +48,7 @@ from .storage import (
     ThreadNotFound,
     ThreadRecord,
     ThreadSummary,
+    new_id,
 )
 from .turns import TurnScheduler
 
@@ -272,6 +273,34 @@ class ListAllTenantsStorage(Storage):
 
 def list_all_tenants(components: Components) -> Components:
     return attrs.evolve(components, storage=ListAllTenantsStorage)
+
+
+class CurrentTenantStorage(Storage):
+    """Keeps the tenant of the request it serves on the storage object ("the current tenant"),
+    set by every call that names one, as code written for one request at a time does.
+    `list_threads` counts the tenant's threads first, then lists "the current tenant's": a
+    request of another tenant that came in during the count has changed it."""
+
+    current_tenant: str | None = None
+
+    async def find_thread(self, tenant: str, thread_id: str) -> ThreadRecord:
+        self.current_tenant = tenant
+        return await super().find_thread(tenant, thread_id)
+
+    async def create_thread(
+        self, tenant: str, user: str, assistant: str, instructions: str | None
+    ) -> ThreadRecord:
+        self.current_tenant = tenant
+        return await super().create_thread(tenant, user, assistant, instructions)
+
+    async def list_threads(self, tenant: str) -> list[ThreadSummary]:
+        self.current_tenant = tenant
+        await self.read(lambda db: db.execute("SELECT COUNT(*) FROM threads WHERE tenant = ?", (tenant,)).fetchone())
+        return await super().list_threads(self.current_tenant)
+
+
+def current_tenant_race(components: Components) -> Components:
+    return attrs.evolve(components, storage=CurrentTenantStorage)
 
 
 # -- routing -----------------------------------------------------------------
@@ -520,6 +549,26 @@ class AssistantIdIsAgentIdStorage(Storage):
 
 def assistant_id_is_agent_id(components: Components) -> Components:
     return attrs.evolve(components, storage=AssistantIdIsAgentIdStorage)
+
+
+class AssistantCreateRaceStorage(Storage):
+    """Looks the tenant's assistant up, then creates it in a step of its own when it is
+    missing (check, then act, across an await): two start-ups of one new name at once both
+    miss it, and the second insert breaks the (tenant, name) constraint (`internal`)."""
+
+    async def create_thread(
+        self, tenant: str, user: str, assistant: str, instructions: str | None
+    ) -> ThreadRecord:
+        found = await self.read(lambda db: self._find_assistant(db, tenant, assistant))
+        if found is None:
+            await self.write(lambda db: db.execute(
+                "INSERT INTO assistants (id, tenant, name, instructions, created_at) VALUES (?, ?, ?, ?, ?)",
+                (new_id(), tenant, assistant, instructions, self._clock())))
+        return await super().create_thread(tenant, user, assistant, instructions)
+
+
+def assistant_create_race(components: Components) -> Components:
+    return attrs.evolve(components, storage=AssistantCreateRaceStorage)
 
 
 class CreatedAtMillisStorage(Storage):
@@ -978,6 +1027,8 @@ FAULTS: Final[dict[str, Modifier]] = {
     "blank_content_refused": blank_content_refused,
     "history_needs_join": history_needs_join,
     "leave_needs_join": leave_needs_join,
+    "current_tenant_race": current_tenant_race,
+    "assistant_create_race": assistant_create_race,
 }
 
 

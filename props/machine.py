@@ -410,7 +410,8 @@ class TenantMachine(RuleBasedStateMachine):
     @recorded
     def crowd(self, members: list[tuple[int, str | AtLimit]], via: str, assistant: str | AtLimit) -> MultipleResults[ConnRef]:
         """Users arrive at one instant, as 100 users do at nine in the morning: they connect at
-        once, and each starts an agent the moment its welcome arrives, all at once."""
+        once, and each starts an agent and lists its threads the moment its welcome arrives, all
+        at once."""
         users = [UserRef(self._id(uid), self._tenant(t), self._user_id(self._tenant(t), self._id(uid))) for t, uid in members]
         names = [self._name("c") for _ in users]
         tokens = [self._credential(u.tenant.tid, u.uid) for u in users]
@@ -434,9 +435,9 @@ class TenantMachine(RuleBasedStateMachine):
                                               {"connection": name, "tenant": user.tenant.tid, "user": user.uid, "via": via},
                                               check="valid_token_accepted"))
             refs.append(self._keep(ConnRef(name, user)))
-        threads = self._start_together([(ref, self._id(assistant)) for ref in refs])
+        threads = self._start_together([(ref, self._id(assistant)) for ref in refs], listing=True)
         event(f"crowd of {len(refs)}")
-        self.outcome = (f"{', '.join(r.name for r in refs)} arrived at once and started "
+        self.outcome = (f"{', '.join(r.name for r in refs)} arrived at once, listed threads and started "
                         f"{sum(1 for t in threads if t.thread_id is not None)} agents")
         return multiple(*refs)
 
@@ -500,18 +501,24 @@ class TenantMachine(RuleBasedStateMachine):
     def _start(self, conn: ConnRef, assistant: str, instructions: str | None = None) -> ThreadRef:
         return self._start_together([(conn, assistant)], instructions)[0]
 
-    def _start_together(self, starts: list[tuple[ConnRef, str]], instructions: str | None = None) -> list[ThreadRef]:
-        """Start agents at the same instant and wait for all of them (threads named in order)."""
+    def _start_together(self, starts: list[tuple[ConnRef, str]], instructions: str | None = None,
+                        listing: bool = False) -> list[ThreadRef]:
+        """Start agents at the same instant and wait for all of them (threads named in order). With
+        ``listing``, each connection also lists its tenant's threads at that instant, as an app's
+        sidebar loads while its agent starts: requests of several tenants at once."""
         names = [self._name("th") for _ in starts]
         extra = {} if instructions is None else {"instructions": instructions}
         todo = [(conn, self.session.next_req_id(), {"assistant": assistant, **extra}) for conn, assistant in starts
                 if self._open(conn)]
+        lists = [(conn, self.session.next_req_id()) for conn, _, _ in todo] if listing and self.has("list_threads") else []
 
         async def fire_and_wait() -> dict[str, Any]:
             t = time.monotonic()
             pendings = {}
             for conn, rid, fields in todo:
                 pendings[rid] = await self.driver.send(conn.name, "start_agent", rid, fields, t)
+            for conn, rid in lists:
+                pendings[rid] = await self.driver.send(conn.name, "list_threads", rid, {}, t)
             replies = {}
             for rid, pending in pendings.items():
                 replies[rid] = await self.driver.wait(pending) if pending is not None else None

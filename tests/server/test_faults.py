@@ -12,6 +12,7 @@ difference. Each test runs its own server on 127.0.0.1 port 0, time-bounded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -961,3 +962,58 @@ def test_fault_leave_needs_join_refuses_to_leave_a_thread_not_joined(
     server = start_server(*FAST, "--fault", "leave_needs_join")
     assert _unjoined_answer(server, tenant, "leave_thread", "left") == "bad_request"
     assert _unjoined_answer(fast_server, tenant, "leave_thread", "left") == "left"
+
+
+def test_fault_current_tenant_race_lists_another_tenants_threads(
+    start_server: Any, fast_server: ServerProcess, tenant: str
+) -> None:
+    server = start_server(*FAST, "--fault", "current_tenant_race")
+
+    async def foreign_listed(target: ServerProcess) -> int:
+        """How many of 20 lists, each sent beside another tenant's reads, named a thread of that tenant."""
+        async with open_client(target, tenant + "-a") as a, open_client(target, tenant + "-b") as b:
+            await new_thread(a)
+            theirs = await new_thread(b)
+            leaks = 0
+            for _ in range(20):
+                reads = [await b.request("get_history", thread_id=theirs) for _ in range(4)]
+                listed = await a.call("list_threads", "threads")
+                for request_id in reads:
+                    await b.reply(request_id, "history")
+                leaks += theirs in {t["thread_id"] for t in listed["threads"]}
+            return leaks
+
+    async def main() -> None:
+        assert await foreign_listed(server) > 0
+        assert await foreign_listed(fast_server) == 0
+
+    run(main)
+
+
+def test_fault_assistant_create_race_fails_start_ups_of_one_new_name_at_once(
+    start_server: Any, tenant: str
+) -> None:
+    server = start_server("--startup-ms", "0:0", "--fault", "assistant_create_race")
+    clean = start_server("--startup-ms", "0:0")
+
+    async def answers(target: ServerProcess) -> list[str]:
+        """The answers to eight start-ups of one new name, sent at once on eight connections."""
+        got: list[str] = []
+
+        async def one(client: Any) -> None:
+            answer = await client.call("start_agent", "agent_started", assistant="fresh")
+            got.append(answer["code"] if answer["type"] == "error" else answer["assistant_id"])
+
+        async with contextlib.AsyncExitStack() as stack:
+            clients = [await stack.enter_async_context(open_client(target, tenant + "-crowd", f"u{i}")) for i in range(8)]
+            async with trio.open_nursery() as nursery:
+                for client in clients:
+                    nursery.start_soon(one, client)
+        return got
+
+    async def main() -> None:
+        assert "internal" in await answers(server)
+        clean_answers = await answers(clean)
+        assert len(set(clean_answers)) == 1 and "internal" not in clean_answers
+
+    run(main)
