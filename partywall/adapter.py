@@ -238,13 +238,13 @@ class Frame:
 
 
 
-def _padded_ping(rid: str, pad: int) -> str:
-    """A well-formed ``ping`` (``rid``: its id, JSON-encoded) with ``pad`` ASCII characters of padding.
+def _padded_ping(rid: str, pad: int, char: str = "x") -> str:
+    """A well-formed ``ping`` (``rid``: its id, JSON-encoded) with ``pad`` characters ``char`` of padding.
 
     Joined as text rather than through `json.dumps`, which scans every one of up to 16 Mi
     characters for escapes (about 80 ms a frame); the padding needs none.
     """
-    return '{"type": "ping", "id": ' + rid + ', "pad": "' + "x" * pad + '"}'
+    return '{"type": "ping", "id": ' + rid + ', "pad": "' + char * pad + '"}'
 
 class Adapter:
     """Protocol version 1 of PROTOCOL.md over WebSocket text frames."""
@@ -359,7 +359,9 @@ class Adapter:
             long_id = (req_id + "-" + "i" * self.limits.max_id)[: self.limits.max_id + 1]
             return BadFrame(json.dumps({"type": "ping", "id": long_id}), long_id, None, "bad_request")
         if kind == "oversize":
-            return BadFrame(_padded_ping(rid, self.limits.max_frame_in + 1), req_id, False, "too_large")
+            # Two-byte characters: over the limit in bytes of UTF-8, with about half as many
+            # characters, so a service that measures characters is seen.
+            return BadFrame(_padded_ping(rid, self.limits.max_frame_in // 2 + 1, "\u00e9"), req_id, False, "too_large")
         return None
 
     def decode(self, message: str | bytes) -> Frame:

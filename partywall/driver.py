@@ -584,7 +584,9 @@ class Driver:
         conn = self.conns[name]
         self._flush()
         ev = self.history.append("invoke", "raw", conn=name, req_id=req_id,
-                                 data={"note": note, "size": len(message), "readable": readable, "expect": expect})
+                                 data={"note": note, "readable": readable, "expect": expect,
+                                       "size": len(message if isinstance(message, bytes)
+                                                   else message.encode("utf-8", "surrogatepass"))})
         if not conn.open or conn.ws is None:
             return None
         pending = None

@@ -31,6 +31,9 @@ from .connection import Connection
 from .hub import Hub, Subscription
 from .protocol import (
     BAD_REQUEST,
+    MAX_CONTENT_BYTES,
+    MAX_MESSAGE_BYTES,
+    THREAD_NOT_FOUND_MESSAGE,
     TOO_LARGE,
     GetHistory,
     ProtocolError,
@@ -303,6 +306,29 @@ def current_tenant_race(components: Components) -> Components:
     return attrs.evolve(components, storage=CurrentTenantStorage)
 
 
+class TenantNocaseStorage(Storage):
+    """Compares tenant ids without case, as a column with a case-insensitive collation does
+    (MySQL's default): tenants `acme` and `Acme` read each other's threads."""
+
+    async def find_thread(self, tenant: str, thread_id: str) -> ThreadRecord:
+        record = await self._load_thread(thread_id)
+        if record is None or record.tenant.lower() != tenant.lower():
+            raise ThreadNotFound(THREAD_NOT_FOUND_MESSAGE)
+        return record
+
+    async def list_threads(self, tenant: str) -> list[ThreadSummary]:
+        alike = await self.read(lambda db: [row[0] for row in db.execute(
+            "SELECT DISTINCT tenant FROM threads WHERE tenant = ? COLLATE NOCASE", (tenant,))])
+        listed = []
+        for one in alike or [tenant]:
+            listed += await super().list_threads(one)
+        return listed
+
+
+def tenant_nocase(components: Components) -> Components:
+    return attrs.evolve(components, storage=TenantNocaseStorage)
+
+
 # -- routing -----------------------------------------------------------------
 
 
@@ -503,6 +529,18 @@ class LimitKeepsOldestStorage(Storage):
 
 def limit_keeps_oldest(components: Components) -> Components:
     return attrs.evolve(components, storage=LimitKeepsOldestStorage)
+
+
+class LimitPlusOneStorage(Storage):
+    """Reads one message more than `limit` (to tell the client whether there is more) and
+    forgets to drop it: the newest `limit` + 1."""
+
+    async def history(self, thread: ThreadRecord, limit: int | None) -> list[MessageRecord]:
+        return await super().history(thread, None if limit is None else limit + 1)
+
+
+def limit_plus_one(components: Components) -> Components:
+    return attrs.evolve(components, storage=LimitPlusOneStorage)
 
 
 class CountUserMessagesOnlyStorage(Storage):
@@ -796,6 +834,19 @@ def blank_content_refused(components: Components) -> Components:
     return attrs.evolve(components, parser=BlankContentRefusedParser)
 
 
+class ContentLimitInCharsParser(RequestParser):
+    """Measures `content` in characters (`len`), not bytes of UTF-8: content of multi-byte
+    characters over 16,384 bytes is accepted."""
+
+    def check_content(self, content: str, request_id: str) -> None:
+        if len(content) > MAX_CONTENT_BYTES:
+            raise ProtocolError(BAD_REQUEST, f"`content` must be at most {MAX_CONTENT_BYTES} characters.", request_id)
+
+
+def content_limit_in_chars(components: Components) -> Components:
+    return attrs.evolve(components, parser=ContentLimitInCharsParser)
+
+
 class HistoryNeedsJoinHub(Hub):
     """Serves a thread's history only to connections that joined it ("members only"), a
     check the protocol does not make: `get_history` needs no join."""
@@ -900,6 +951,22 @@ class TransportCut1MibGuard(SizeGuard):
 
 def transport_cut_1mib(components: Components) -> Components:
     return attrs.evolve(components, size_guard=TransportCut1MibGuard)
+
+
+class FrameLimitInCharsGuard(SizeGuard):
+    """Measures a text message by its characters (`len` of the str the transport gives), not its
+    bytes of UTF-8: a message of two-byte characters over 64 KiB is parsed and answered."""
+
+    def refuse(self, conn: Connection, message: str | bytes) -> bool:
+        if len(message) <= MAX_MESSAGE_BYTES:
+            return False
+        conn.send(error_frame(TOO_LARGE, TOO_LARGE_MESSAGE))
+        conn.close(1009, "message too big")
+        return True
+
+
+def frame_limit_in_chars(components: Components) -> Components:
+    return attrs.evolve(components, size_guard=FrameLimitInCharsGuard)
 
 
 class BoolIsIntLimitParser(RequestParser):
@@ -1029,6 +1096,10 @@ FAULTS: Final[dict[str, Modifier]] = {
     "leave_needs_join": leave_needs_join,
     "current_tenant_race": current_tenant_race,
     "assistant_create_race": assistant_create_race,
+    "limit_plus_one": limit_plus_one,
+    "tenant_nocase": tenant_nocase,
+    "content_limit_in_chars": content_limit_in_chars,
+    "frame_limit_in_chars": frame_limit_in_chars,
 }
 
 

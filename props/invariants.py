@@ -265,6 +265,10 @@ def history_keeps_commits(model: Model, ev: Event, frame: Frame | None) -> Itera
                for i, a in enumerate(known) for b in known[i + 1:]):
             return  # out of commit order: history_in_commit_order says so, and no window is judged by it
     expected = req.expect_history
+    if windowed and len(got) > limit:
+        yield Violation("durability", f"history with limit {limit} returned {len(got)} messages, more than the limit",
+                        {**_where(model, ev), "thread_id": req.fields.get("thread_id"), "history_ids": list(by_id)})
+        return
     if windowed and len(got) < min(limit, len(expected)):
         yield Violation("durability", f"history with limit {limit} returned {len(got)} messages; at least {min(limit, len(expected))} were committed",
                         {**_where(model, ev), "thread_id": req.fields.get("thread_id"), "crashes_so_far": model.crashes, "frame": frame.raw})

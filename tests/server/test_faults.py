@@ -1017,3 +1017,79 @@ def test_fault_assistant_create_race_fails_start_ups_of_one_new_name_at_once(
         assert len(set(clean_answers)) == 1 and "internal" not in clean_answers
 
     run(main)
+
+
+def test_fault_limit_plus_one_returns_one_message_more_than_the_limit(
+    start_server: Any, fast_server: ServerProcess, tenant: str
+) -> None:
+    server = start_server(*FAST, "--fault", "limit_plus_one")
+
+    async def window(target: ServerProcess) -> int:
+        async with open_client(target, tenant + "-window") as client:
+            thread_id = await new_thread(client)
+            for n in range(3):
+                await client.turn(thread_id, f"m{n}")
+            history = await client.call("get_history", "history", thread_id=thread_id, limit=2)
+            return len(history["messages"])
+
+    async def main() -> None:
+        assert await window(server) == 3
+        assert await window(fast_server) == 2
+
+    run(main)
+
+
+def test_fault_tenant_nocase_lets_tenants_that_differ_by_case_read_each_other(
+    start_server: Any, fast_server: ServerProcess, tenant: str
+) -> None:
+    server = start_server(*FAST, "--fault", "tenant_nocase")
+
+    async def seen_by_the_other(target: ServerProcess) -> tuple[bool, bool]:
+        async with open_client(target, tenant + "-acme") as lower, open_client(target, tenant + "-ACME") as upper:
+            thread_id = await new_thread(lower)
+            listed = await upper.call("list_threads", "threads")
+            history = await upper.call("get_history", thread_id=thread_id)
+            return thread_id in {t["thread_id"] for t in listed["threads"]}, history["type"] == "history"
+
+    async def main() -> None:
+        assert await seen_by_the_other(server) == (True, True)
+        assert await seen_by_the_other(fast_server) == (False, False)
+
+    run(main)
+
+
+def test_fault_content_limit_in_chars_accepts_content_over_the_byte_limit(
+    start_server: Any, fast_server: ServerProcess, tenant: str
+) -> None:
+    server = start_server(*FAST, "--fault", "content_limit_in_chars")
+    content = "\u00e9" * 8193  # 8,193 characters, 16,386 bytes of UTF-8
+
+    async def answer(target: ServerProcess) -> str:
+        async with open_client(target, tenant + "-bytes") as client:
+            reply = await client.call("user_message", thread_id=await new_thread(client), content=content)
+            return reply["code"] if reply["type"] == "error" else reply["type"]
+
+    async def main() -> None:
+        assert await answer(server) == "ack"
+        assert await answer(fast_server) == "bad_request"
+
+    run(main)
+
+
+def test_fault_frame_limit_in_chars_answers_a_message_over_64_kib_of_utf8(
+    start_server: Any, fast_server: ServerProcess, tenant: str
+) -> None:
+    server = start_server(*FAST, "--fault", "frame_limit_in_chars")
+    frame = json.dumps({"type": "ping", "id": "big", "pad": "\u00e9" * 40_000}, ensure_ascii=False)  # 80 KB
+
+    async def answer(target: ServerProcess) -> str:
+        async with open_client(target, tenant + "-frame") as client:
+            await client.ws.send_message(frame)
+            reply = await client.wait_for(lambda f: f["type"] in ("pong", "error"))
+            return reply["code"] if reply["type"] == "error" else reply["type"]
+
+    async def main() -> None:
+        assert await answer(server) == "pong"
+        assert await answer(fast_server) == "too_large"
+
+    run(main)

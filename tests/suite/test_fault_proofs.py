@@ -197,6 +197,10 @@ PROOFS: dict[str, Proof] = {
     # the other tenant also leaves out the asker's own threads, which threads_kept sees first.
     "current_tenant_race": Proof("isolation", "no_foreign_data", "fast", deterministic=False,
                                  also=("durability/threads_kept",)),
+    "limit_plus_one": Proof("durability", "history_keeps_commits", "fast"),
+    "tenant_nocase": Proof("isolation", "no_foreign_data", "fast"),
+    "content_limit_in_chars": Proof("protocol", "right_outcome", "fast"),
+    "frame_limit_in_chars": Proof("protocol", "oversize_closes_1009", "fast"),
     "assistant_create_race": Proof("protocol", "frames_match_schema", "fast", deterministic=False,
                                    also=("protocol/right_outcome",)),
 }

@@ -445,6 +445,18 @@ def test_durability_history_limit_returns_the_oldest() -> None:
     assert s.by_check() == []
 
 
+def test_durability_history_limit_returns_more_than_the_limit() -> None:
+    s = two_tenants_with_a_turn()
+    s.turn("c0", "r2", "T1", "second", "m3", "m4")
+    s.request("c0", "r3", "get_history", thread_id="T1", limit=2)
+    s.reply("c0", "r3", {"type": "history", "thread_id": "T1", "messages": [
+        {"message_id": "m2", "role": "assistant", "content": f"echo: {M1} hello", "created_at": 1764000001.1},
+        {"message_id": "m3", "role": "user", "user": "alice", "content": "second", "created_at": 1764000001.2},
+        {"message_id": "m4", "role": "assistant", "content": "echo: second", "created_at": 1764000001.3}]}, final="ok")
+    assert s.by_check() == [("durability", "history_keeps_commits",
+                             "history with limit 2 returned 3 messages, more than the limit")]
+
+
 def streamed(seqs: list[int]) -> Sim:
     """One turn whose three chunks arrive in the order ``seqs``, all of them, adding up to the reply."""
     s = Sim()
