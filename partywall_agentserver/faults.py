@@ -10,6 +10,7 @@ bug directly.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
@@ -430,6 +431,19 @@ class ReplyToFirstDeviceScheduler(TurnScheduler):
 
 def reply_to_first_device(components: Components) -> Components:
     return attrs.evolve(components, scheduler=ReplyToFirstDeviceScheduler)
+
+
+class ConnectionIdPerUserHub(Hub):
+    """Names a connection after its user (a session key reused as the connection id): a user's
+    second device is welcomed with the first one's id."""
+
+    @staticmethod
+    def new_connection_id(tenant: str, user: str) -> str:
+        return hashlib.sha256(f"{tenant}\0{user}".encode("utf-8", "surrogatepass")).hexdigest()[:22]
+
+
+def connection_id_per_user(components: Components) -> Components:
+    return attrs.evolve(components, hub=ConnectionIdPerUserHub)
 
 
 class LiveMembershipHub(Hub):
@@ -1100,6 +1114,7 @@ FAULTS: Final[dict[str, Modifier]] = {
     "tenant_nocase": tenant_nocase,
     "content_limit_in_chars": content_limit_in_chars,
     "frame_limit_in_chars": frame_limit_in_chars,
+    "connection_id_per_user": connection_id_per_user,
 }
 
 

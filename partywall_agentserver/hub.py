@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 
 from .connection import Connection
+from .storage import new_id
 
 #: A subscription as a turn snapshots it: the connection and its join's number.
 Subscription = tuple[Connection, int]
@@ -54,6 +55,11 @@ class Hub:
     def needs_join(self, request_type: str) -> bool:
         """Whether a request of this type is refused (`bad_request`) on a thread not joined."""
         return request_type in self.NEEDS_JOIN
+
+    @staticmethod
+    def new_connection_id(tenant: str, user: str) -> str:
+        """The id of a new connection of ``user`` of ``tenant``: opaque, random, never reused."""
+        return new_id()
 
     def has_joined(self, conn: Connection, thread_id: str) -> bool:
         """Whether `conn` may post to the thread."""

@@ -47,7 +47,7 @@ from .protocol import (
     pong_frame,
     welcome_frame,
 )
-from .storage import Storage, ThreadNotFound, ThreadRecord, new_id
+from .storage import Storage, ThreadNotFound, ThreadRecord
 from .turns import TurnScheduler, answer_unanswered
 
 log = logging.getLogger("agentserver")
@@ -257,7 +257,12 @@ class AgentServer:
             ws = await request.accept()
         except ConnectionClosed:
             return  # the client left during the handshake
-        conn = Connection(new_id(), principal.tenant, principal.user, ws)
+        conn = Connection(
+            self.hub.new_connection_id(principal.tenant, principal.user),
+            principal.tenant,
+            principal.user,
+            ws,
+        )
         self.connections.add(conn)
         try:
             conn.send(welcome_frame(conn.tenant, conn.user, conn.connection_id))

@@ -792,6 +792,13 @@ def shutdown_closes_1001(model: Model, ev: Event, frame: Frame | None) -> Iterat
 @register("protocol")
 def replies_as_predicted(model: Model, ev: Event, frame: Frame | None) -> Iterator[Violation]:
     """Each reply's fields are what the request and the model predict: its thread, fresh ids, its tenant's assistant."""
+    if ev.kind == "ok" and ev.op == "connect":
+        connection_id = (ev.data.get("welcome") or {}).get("connection_id")
+        first = model.connection_ids.get(connection_id) if isinstance(connection_id, str) else None
+        if first is not None:
+            yield Violation("protocol", "two connections were welcomed with one connection_id: ids must be unique",
+                            {**_where(model, ev), "connection_id": connection_id, "first_given_to": first})
+        return
     if not _frame_in(model, ev, frame) or frame is None or frame.type == "error":
         return
     req = model.reqs.get(frame.re or "")

@@ -169,9 +169,11 @@ class Model:
         self.probe_replies: dict[str, dict[str, Any]] = {}
         self.crashes = 0
         self.crash_t: float | None = None
+        """When the suite last killed the server (its connections were closed by that)."""
         self.shutdown_t: float | None = None
         """When the suite last stopped the server gently (SIGTERM: a shutdown), None if never."""
-        """When the suite last killed the server (its connections were closed by that)."""
+        self.connection_ids: dict[str, str] = {}
+        """connection_id of a welcome -> the connection it welcomed."""
         self.wall_offset: float | None = None
         """The client's wall clock minus ``time.monotonic()``, from the last connect: server times
         (Unix seconds) are compared with event times through it."""
@@ -475,6 +477,9 @@ class Model:
             self.wall_offset = ev.data["wall_s"] - ev.t
         if ev.op == "connect" and ev.conn in self.conns:
             conn = self.conns[ev.conn]
+            connection_id = (ev.data.get("welcome") or {}).get("connection_id")
+            if isinstance(connection_id, str):
+                self.connection_ids.setdefault(connection_id, ev.conn)
             conn.open = True
             conn.opened_t = ev.t
             if conn.token_kind == "valid":

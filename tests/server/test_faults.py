@@ -1093,3 +1093,21 @@ def test_fault_frame_limit_in_chars_answers_a_message_over_64_kib_of_utf8(
         assert await answer(fast_server) == "too_large"
 
     run(main)
+
+
+def test_fault_connection_id_per_user_welcomes_a_second_device_with_the_first_ones_id(
+    start_server: Any, fast_server: ServerProcess, tenant: str
+) -> None:
+    server = start_server(*FAST, "--fault", "connection_id_per_user")
+
+    async def two_devices(target: ServerProcess) -> tuple[str, str]:
+        async with open_client(target, tenant, "alice") as phone, open_client(target, tenant, "alice") as laptop:
+            return phone.welcome["connection_id"], laptop.welcome["connection_id"]
+
+    async def main() -> None:
+        first, second = await two_devices(server)
+        assert first == second
+        first, second = await two_devices(fast_server)
+        assert first != second
+
+    run(main)

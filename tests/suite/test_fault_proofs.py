@@ -201,6 +201,8 @@ PROOFS: dict[str, Proof] = {
     "tenant_nocase": Proof("isolation", "no_foreign_data", "fast"),
     "content_limit_in_chars": Proof("protocol", "right_outcome", "fast"),
     "frame_limit_in_chars": Proof("protocol", "oversize_closes_1009", "fast"),
+    "connection_id_per_user": Proof("protocol", "replies_as_predicted", "fast",
+                                    in_opening="the opening connects alice of the first tenant twice"),
     "assistant_create_race": Proof("protocol", "frames_match_schema", "fast", deterministic=False,
                                    also=("protocol/right_outcome",)),
 }

@@ -613,6 +613,16 @@ def test_protocol_malformed_frame_answered_as_if_valid() -> None:
                              "a malformed frame (lone_surrogate) was answered with 'pong', not an error")]
 
 
+def test_protocol_two_connections_with_one_connection_id() -> None:
+    s = Sim()
+    s.connect("c0", "acme")
+    s.connect("c1", "acme")
+    assert s.found() == []
+    s.connect("c2", "acme", welcome={"connection_id": "cid-c0"})
+    assert s.by_check() == [("protocol", "replies_as_predicted",
+                             "two connections were welcomed with one connection_id: ids must be unique")]
+
+
 def test_protocol_replies_as_predicted() -> None:
     # The same assistant name in one tenant: one assistant id; a new thread on every start.
     s = Sim()
