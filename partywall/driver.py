@@ -28,7 +28,7 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -613,17 +613,22 @@ class Driver:
             await pending.done.wait()
         return pending.final
 
-    async def settle(self, found: Callable[[], bool] | None = None) -> list[Pending]:
+    async def settle(self, found: Callable[[], bool] | None = None,
+                     only: Sequence[Pending] | None = None) -> list[Pending]:
         """Wait until nothing is in flight and every close the server owes (after an oversized
         frame) has come, or the reply limit passes, or ``found()`` says the checks have found a
-        violation (waiting on would only delay the report); return what is still pending."""
+        violation (waiting on would only delay the report); return what is still pending. With
+        ``only``, wait for those requests' replies alone."""
         with trio.move_on_after(self.reply_timeout_s + 0.5):
             while True:
                 self._flush()  # every frame that came is checked before ``found`` is asked
                 if found is not None and found():
                     break
-                owed = [p.done for p in self.pending.values()]
-                owed += [c.done for c in self.conns.values() if c.open and c.close_expected_t is not None]
+                if only is not None:
+                    owed = [p.done for p in only if not p.done.is_set()]
+                else:
+                    owed = [p.done for p in self.pending.values()]
+                    owed += [c.done for c in self.conns.values() if c.open and c.close_expected_t is not None]
                 if not owed:
                     break
                 with trio.move_on_after(0.05):  # the oldest; then look at the checks again

@@ -259,6 +259,28 @@ def exp_optional(components: Components) -> Components:
     return attrs.evolve(components, authenticator=ExpOptionalAuthenticator)
 
 
+class QuerySkipsExpAuthenticator(Authenticator):
+    """Checks a token from `?token=` without its expiry ("query tokens come from short-lived
+    links"), where a header's is checked in full: an expired token opens through the query."""
+
+    def admit(self, target: str, headers: Sequence[tuple[bytes, bytes]]) -> Principal | Refusal:
+        admitted = super().admit(target, headers)
+        from_query = not any(name.lower() == b"authorization" for name, _ in headers)
+        if not isinstance(admitted, Refusal) or admitted.status != 401 or not from_query:
+            return admitted
+        token = self.token_from(headers, target)
+        try:
+            claims = jwt.decode(token or "", self._secret, algorithms=["HS256"], options={"verify_exp": False})
+        except jwt.PyJWTError:
+            return admitted
+        principal = self.check_claims({**claims, "exp": time.time() + 1.0}, time.time())
+        return admitted if principal is None else principal
+
+
+def query_skips_exp(components: Components) -> Components:
+    return attrs.evolve(components, authenticator=QuerySkipsExpAuthenticator)
+
+
 class ListAllTenantsStorage(Storage):
     """`list_threads` forgets its tenant filter and lists every thread on the server."""
 
@@ -557,6 +579,22 @@ def limit_plus_one(components: Components) -> Components:
     return attrs.evolve(components, storage=LimitPlusOneStorage)
 
 
+class HistoryByAssistantStorage(Storage):
+    """Reads a thread's history by its assistant ("the assistant's memory"), not by the thread:
+    every thread of that assistant in the tenant shows the others' messages."""
+
+    async def history(self, thread: ThreadRecord, limit: int | None) -> list[MessageRecord]:
+        rows = await self.read(lambda db: db.execute(
+            "SELECT id, thread_id, role, user_id, content, created_at FROM messages WHERE thread_id IN"
+            " (SELECT id FROM threads WHERE assistant_id = ?) ORDER BY pos", (thread.assistant_id,)).fetchall())
+        messages = [MessageRecord(*row) for row in rows]
+        return messages if limit is None else messages[-limit:]
+
+
+def history_by_assistant(components: Components) -> Components:
+    return attrs.evolve(components, storage=HistoryByAssistantStorage)
+
+
 class CountUserMessagesOnlyStorage(Storage):
     """`list_threads`' `message_count` counts user messages only, not the replies."""
 
@@ -848,6 +886,22 @@ def blank_content_refused(components: Components) -> Components:
     return attrs.evolve(components, parser=BlankContentRefusedParser)
 
 
+class UnknownTypeWithoutReParser(RequestParser):
+    """Refuses an unknown `type` before it reads `id`: that `bad_request` carries no `re`."""
+
+    def parse(self, message: str | bytes) -> Request:
+        try:
+            return super().parse(message)
+        except ProtocolError as exc:
+            if exc.message.startswith("Unknown request type"):
+                raise ProtocolError(exc.code, exc.message) from None
+            raise
+
+
+def unknown_type_without_re(components: Components) -> Components:
+    return attrs.evolve(components, parser=UnknownTypeWithoutReParser)
+
+
 class ContentLimitInCharsParser(RequestParser):
     """Measures `content` in characters (`len`), not bytes of UTF-8: content of multi-byte
     characters over 16,384 bytes is accepted."""
@@ -1115,6 +1169,9 @@ FAULTS: Final[dict[str, Modifier]] = {
     "content_limit_in_chars": content_limit_in_chars,
     "frame_limit_in_chars": frame_limit_in_chars,
     "connection_id_per_user": connection_id_per_user,
+    "query_skips_exp": query_skips_exp,
+    "unknown_type_without_re": unknown_type_without_re,
+    "history_by_assistant": history_by_assistant,
 }
 
 

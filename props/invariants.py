@@ -265,6 +265,13 @@ def history_keeps_commits(model: Model, ev: Event, frame: Frame | None) -> Itera
                for i, a in enumerate(known) for b in known[i + 1:]):
             return  # out of commit order: history_in_commit_order says so, and no window is judged by it
     expected = req.expect_history
+    asked = req.fields.get("thread_id")
+    strays = [mid for mid in by_id if mid in model.msgs and model.msgs[mid].thread_id != asked]
+    if strays:
+        yield Violation("durability", "the history of one thread holds a message of another thread",
+                        {**_where(model, ev), "thread_id": asked, "message_id": strays[0],
+                         "its_thread": model.msgs[strays[0]].thread_id, "history_ids": list(by_id)})
+        return
     if windowed and len(got) > limit:
         yield Violation("durability", f"history with limit {limit} returned {len(got)} messages, more than the limit",
                         {**_where(model, ev), "thread_id": req.fields.get("thread_id"), "history_ids": list(by_id)})

@@ -318,7 +318,11 @@ class TenantMachine(RuleBasedStateMachine):
         """Every example starts populated: two tenants of its own (often near-identical ids),
         the user ``alice`` in both and ``bob`` in the first, and ``alice`` of the first on a
         second device (the other way of sending the credential); each tenant's first user
-        starts an agent, and the second user and the second device join that thread."""
+        starts an agent, and the second user and the second device join that thread. Two equal
+        bases make the second tenant's id the first's in the other case (`acme`, `ACME`): two
+        tenants, never one twice, that a careless comparison takes for one."""
+        if second == first:
+            second = first.swapcase() if first.swapcase() != first else first + "-2"
         for base in (first, second):
             self._add_tenant(base)
         t0, t1 = self.tenant_list[0], self.tenant_list[-1]
@@ -441,46 +445,35 @@ class TenantMachine(RuleBasedStateMachine):
                         f"{sum(1 for t in threads if t.thread_id is not None)} agents")
         return multiple(*refs)
 
-    def _connect_refused(self, tenant: TenantRef, uid: str, kind: str, via: str) -> bool:
-        """Connect with a credential of ``kind``, which must be refused; whether it opened."""
-        user = UserRef(uid, tenant, self._user_id(tenant, uid))
-        name = self._name("x")  # not a "c": refused attempts must not use up the connection budget
-        # Without the server's secret a kind that needs it is sent as one that does not
-        # (the report lists it under not_run); the drawn kind stays in the program.
-        kind = self.session.credentials.kind_for(kind)
-        token = self._credential(user.tenant.tid, user.uid, kind)
-        result = self._call(self.driver.connect, name, user.tenant.tid, user.uid, token, via, kind)
-        if isinstance(result, Conn):
-            self._call(self.driver.disconnect, name, False)
-            return True
-        return False
+    def _connect_refused_all(self, tenant: TenantRef, uid: str, kinds: list[tuple[str, str]]) -> list[str]:
+        """Connect with a credential of each (kind, way), each of which must be refused, all at once,
+        in one call into the driver's loop (one after the other, each in a call of its own, they
+        took a seventh of the run's time); "kind via way" for each that opened, in order.
 
-    def _connect_refused_all(self, tenant: TenantRef, uid: str, kinds: list[str], via: str) -> list[str]:
-        """`_connect_refused` for each kind, all at once, in one call into the driver's loop (one
-        after the other, each in a call of its own, they took a seventh of the run's time); the
-        kinds that opened, in the order of ``kinds``."""
+        "x" names: refused attempts must not use up the connection budget. Without the server's
+        secret a kind that needs it is sent as one that does not (the report lists it under
+        not_run); the drawn kind stays in the program."""
         user = UserRef(uid, tenant, self._user_id(tenant, uid))
         tries = []
-        for kind in kinds:
-            name = self._name("x")
+        for kind, via in kinds:
             kind = self.session.credentials.kind_for(kind)
-            tries.append((name, kind, self._credential(user.tenant.tid, user.uid, kind)))
+            tries.append((self._name("x"), kind, via, self._credential(user.tenant.tid, user.uid, kind)))
 
-        opened: dict[str, bool] = {}
+        opened: set[str] = set()
 
-        async def one(name: str, kind: str, token: str) -> None:
+        async def one(name: str, kind: str, via: str, token: str) -> None:
             result = await self.driver.connect(name, user.tenant.tid, user.uid, token, via, kind)
             if isinstance(result, Conn):
-                opened[kind] = True
+                opened.add(name)
                 await self.driver.disconnect(name, False)
 
         async def all_at_once() -> None:
             async with trio.open_nursery() as n:
-                for name, kind, token in tries:
-                    n.start_soon(one, name, kind, token)
+                for name, kind, via, token in tries:
+                    n.start_soon(one, name, kind, via, token)
 
         self._call(all_at_once)
-        return [kind for _, kind, _ in tries if kind in opened]
+        return [f"{kind} via {via}" for name, kind, via, _ in tries if name in opened]
 
     @precondition(within_budget("disconnect"))
     @rule(conn=consumes(conns), abrupt=st.booleans())
@@ -801,7 +794,11 @@ class TenantMachine(RuleBasedStateMachine):
         drawn kind left most kinds unsent for whole runs: Hypothesis favours the first of a list.)
         Then with a valid one on another path of the host, and with credentials both ways at once."""
         kinds = dict.fromkeys(self.session.credentials.kind_for(k) for k in (*BAD_TOKEN_KINDS, *EXTRA_BAD_KINDS))
-        opened = self._connect_refused_all(self._tenant(tenant), "alice", list(kinds), "header")
+        # Half the kinds go in the header and half in the query, the halves swapping at each call:
+        # a service may check a credential one way and not the other.
+        ways = ("header", "query") if self.calls["bad_token"] % 2 else ("query", "header")
+        opened = self._connect_refused_all(self._tenant(tenant), "alice",
+                                           [(kind, ways[i % 2]) for i, kind in enumerate(kinds)])
         # The handshake's own rules, with valid credentials. Nothing more is drawn (another rule
         # would change every program a seed generates): the path cycles through the kinds.
         turn = tenant + self.calls["bad_token"] - 1
@@ -938,8 +935,18 @@ class TenantMachine(RuleBasedStateMachine):
         after = self.session.next_req_id() if closing is not None and self.has("ping") else None
 
         async def one_by_one() -> None:  # one call into the driver's loop for all of them
-            for kind, (message, rid, readable, expect) in sent:
-                await self.driver.send_raw(conn.name, message, note=kind, req_id=rid, readable=readable, expect=expect)
+            # Those whose id the service can read first, and their answers awaited: an error
+            # without `re` is then known to answer one of them (PROTOCOL.md: "`re` is echoed
+            # whenever the request had a string `id`"), not one of the unreadable frames after.
+            answered = []
+            for kind, (message, rid, readable, expect) in sorted(sent, key=lambda s: s[1].readable is not True):
+                if readable is not True and answered:
+                    await self.driver.settle(self._found, only=answered)
+                    answered = []
+                pending = await self.driver.send_raw(conn.name, message, note=kind, req_id=rid, readable=readable,
+                                                     expect=expect)
+                if readable is True and pending is not None:
+                    answered.append(pending)
             if after is not None:
                 await self.driver.send(conn.name, "ping", after, {})
 

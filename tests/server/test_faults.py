@@ -1111,3 +1111,51 @@ def test_fault_connection_id_per_user_welcomes_a_second_device_with_the_first_on
         assert first != second
 
     run(main)
+
+
+def test_fault_query_skips_exp_opens_an_expired_token_through_the_query(
+    start_server: Any, fast_server: ServerProcess
+) -> None:
+    server = start_server(*FAST, "--fault", "query_skips_exp")
+    expired = make_token(ttl=-5.0)
+    assert raw_handshake(server, "/ws?token=" + expired)[0] == 101
+    assert raw_handshake(fast_server, "/ws?token=" + expired)[0] == 401
+    assert status_of(server, expired) == 401  # the header's token is still checked in full
+    assert raw_handshake(server, "/ws?token=" + make_token(key="not-the-secret"))[0] == 401  # and the signature
+
+
+def test_fault_unknown_type_without_re_leaves_the_error_unattributed(
+    start_server: Any, fast_server: ServerProcess, tenant: str
+) -> None:
+    server = start_server(*FAST, "--fault", "unknown_type_without_re")
+
+    async def error_of(target: ServerProcess) -> dict[str, Any]:
+        async with open_client(target, tenant + "-re") as client:
+            await client.ws.send_message(json.dumps({"type": "subscribe_all", "id": "u1"}))
+            return await client.wait_for(lambda f: f["type"] == "error")
+
+    async def main() -> None:
+        assert "re" not in await error_of(server)
+        assert (await error_of(fast_server))["re"] == "u1"
+
+    run(main)
+
+
+def test_fault_history_by_assistant_shows_a_sibling_threads_messages(
+    start_server: Any, fast_server: ServerProcess, tenant: str
+) -> None:
+    server = start_server(*FAST, "--fault", "history_by_assistant")
+
+    async def contents(target: ServerProcess) -> list[str]:
+        async with open_client(target, tenant + "-memory") as client:
+            first = await new_thread(client)
+            second = await new_thread(client)
+            await client.turn(first, "in the first thread")
+            history = await client.call("get_history", "history", thread_id=second)
+            return [m["content"] for m in history["messages"]]
+
+    async def main() -> None:
+        assert await contents(server) == ["in the first thread", "echo: in the first thread"]
+        assert await contents(fast_server) == []
+
+    run(main)

@@ -200,9 +200,13 @@ PROOFS: dict[str, Proof] = {
     "limit_plus_one": Proof("durability", "history_keeps_commits", "fast"),
     "tenant_nocase": Proof("isolation", "no_foreign_data", "fast"),
     "content_limit_in_chars": Proof("protocol", "right_outcome", "fast"),
-    "frame_limit_in_chars": Proof("protocol", "oversize_closes_1009", "fast"),
+    # The frame is parsed, so its id is read: the pong that answers it is seen first.
+    "frame_limit_in_chars": Proof("protocol", "frames_match_schema", "fast", also=("protocol/oversize_closes_1009",)),
     "connection_id_per_user": Proof("protocol", "replies_as_predicted", "fast",
                                     in_opening="the opening connects alice of the first tenant twice"),
+    "query_skips_exp": Proof("isolation", "identity_as_token", "fast"),
+    "unknown_type_without_re": Proof("protocol", "frames_match_schema", "fast"),
+    "history_by_assistant": Proof("durability", "history_keeps_commits", "fast"),
     "assistant_create_race": Proof("protocol", "frames_match_schema", "fast", deterministic=False,
                                    also=("protocol/right_outcome",)),
 }

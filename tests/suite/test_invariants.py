@@ -445,6 +445,17 @@ def test_durability_history_limit_returns_the_oldest() -> None:
     assert s.by_check() == []
 
 
+def test_durability_history_holds_another_threads_message() -> None:
+    s = two_tenants_with_a_turn()
+    s.start("c0", "r2", "T2")
+    s.request("c0", "r3", "get_history", thread_id="T2")
+    s.reply("c0", "r3", {"type": "history", "thread_id": "T2", "messages": [
+        {"message_id": "m1", "role": "user", "user": "alice", "content": f"{M1} hello", "created_at": 1764000001.0},
+        {"message_id": "m2", "role": "assistant", "content": f"echo: {M1} hello", "created_at": 1764000001.1}]}, final="ok")
+    assert s.by_check() == [("durability", "history_keeps_commits",
+                             "the history of one thread holds a message of another thread")]
+
+
 def test_durability_history_limit_returns_more_than_the_limit() -> None:
     s = two_tenants_with_a_turn()
     s.turn("c0", "r2", "T1", "second", "m3", "m4")
