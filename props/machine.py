@@ -318,10 +318,13 @@ class TenantMachine(RuleBasedStateMachine):
         """Every example starts populated: two tenants of its own (often near-identical ids),
         the user ``alice`` in both and ``bob`` in the first, and ``alice`` of the first on a
         second device (the other way of sending the credential); each tenant's first user
-        starts an agent, and the second user and the second device join that thread. Two equal
-        bases make the second tenant's id the first's in the other case (`acme`, `ACME`): two
-        tenants, never one twice, that a careless comparison takes for one."""
-        if second == first:
+        starts an agent, and the second user and the second device join that thread.
+
+        Two equal bases: where threads are shared in the tenant (protocol v1), the second tenant's
+        id is the first's in the other case (`acme`, `ACME`), two tenants a careless comparison
+        takes for one; where threads are private to their user, one tenant, whose boundaries
+        between users the opening's users then all stand on."""
+        if second == first and not self.user_scoped:
             second = first.swapcase() if first.swapcase() != first else first + "-2"
         for base in (first, second):
             self._add_tenant(base)
