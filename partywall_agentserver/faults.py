@@ -40,6 +40,7 @@ from .protocol import (
     ProtocolError,
     Request,
     RequestParser,
+    StartAgent,
     UserMessage,
     encode,
     error_frame,
@@ -279,6 +280,23 @@ class QuerySkipsExpAuthenticator(Authenticator):
 
 def query_skips_exp(components: Components) -> Components:
     return attrs.evolve(components, authenticator=QuerySkipsExpAuthenticator)
+
+
+class ClaimsAnyStringAuthenticator(Authenticator):
+    """Takes any non-empty string as a tenant or user id: a claim with whitespace, a control
+    character or more than 64 code points opens a connection under that id."""
+
+    @staticmethod
+    def check_claims(claims: dict[str, Any], now: float) -> Principal | None:
+        tenant, user = claims.get("tid"), claims.get("sub")
+        if not (isinstance(tenant, str) and tenant and isinstance(user, str) and user):
+            return None
+        checked = Authenticator.check_claims({**claims, "tid": "t", "sub": "u"}, now)  # exp as before
+        return None if checked is None else Principal(tenant, user)
+
+
+def claims_any_string(components: Components) -> Components:
+    return attrs.evolve(components, authenticator=ClaimsAnyStringAuthenticator)
 
 
 class ListAllTenantsStorage(Storage):
@@ -915,6 +933,34 @@ def content_limit_in_chars(components: Components) -> Components:
     return attrs.evolve(components, parser=ContentLimitInCharsParser)
 
 
+class AssistantNameTrimmedParser(RequestParser):
+    """Trims the assistant's name before checking it ("users paste names with a newline"): a
+    name with surrounding whitespace is accepted, and stored as another name than was sent."""
+
+    def _start_agent(self, request_id: str, obj: dict[str, Any]) -> StartAgent:
+        name = obj.get("assistant")
+        return super()._start_agent(request_id, {**obj, "assistant": name.strip()} if isinstance(name, str) else obj)
+
+
+def assistant_name_trimmed(components: Components) -> Components:
+    return attrs.evolve(components, parser=AssistantNameTrimmedParser)
+
+
+class NameLimitInBytesParser(RequestParser):
+    """Measures the assistant's name in bytes of UTF-8 (a VARCHAR(64) column's limit): a name of
+    64 code points, or fewer, that takes more than 64 bytes is refused."""
+
+    def _start_agent(self, request_id: str, obj: dict[str, Any]) -> StartAgent:
+        name = obj.get("assistant")
+        if isinstance(name, str) and len(name.encode("utf-8", "surrogatepass")) > 64:
+            raise ProtocolError(BAD_REQUEST, "`assistant` must be at most 64 bytes.", request_id)
+        return super()._start_agent(request_id, obj)
+
+
+def name_limit_in_bytes(components: Components) -> Components:
+    return attrs.evolve(components, parser=NameLimitInBytesParser)
+
+
 class HistoryNeedsJoinHub(Hub):
     """Serves a thread's history only to connections that joined it ("members only"), a
     check the protocol does not make: `get_history` needs no join."""
@@ -1049,8 +1095,6 @@ class BoolIsIntLimitParser(RequestParser):
             )
         return GetHistory(request_id, thread_id, limit)
 
-    _builders = {**RequestParser._builders, "get_history": _history}  # type: ignore[misc]
-
 
 def bool_is_int_limit(components: Components) -> Components:
     return attrs.evolve(components, parser=BoolIsIntLimitParser)
@@ -1172,6 +1216,9 @@ FAULTS: Final[dict[str, Modifier]] = {
     "query_skips_exp": query_skips_exp,
     "unknown_type_without_re": unknown_type_without_re,
     "history_by_assistant": history_by_assistant,
+    "claims_any_string": claims_any_string,
+    "assistant_name_trimmed": assistant_name_trimmed,
+    "name_limit_in_bytes": name_limit_in_bytes,
 }
 
 

@@ -57,24 +57,29 @@ def tenant_bases(max_len: int = 40) -> st.SearchStrategy[str]:
     """
     fixed = st.sampled_from(
         ["acme", "Acme", "ACME", "globex", _CAFE_NFC, _CAFE_NFD, "\u00c5ngstr\u00f6m", _ANGSTROM + "ngstr\u00f6m",
-         "東京商事", "Ωmega", "🏢corp", "o'brien", "a/b", "x" * max_len]
+         "東京商事", "Ωmega", "🏢corp", "o'brien", "a/b", "x" * max_len, "\u00fc" * max_len]
     )
     return st.one_of(fixed, id_text(max_len))
 
 
 def user_ids(max_len: int = MAX_ID) -> st.SearchStrategy[str | AtLimit]:
     """User ids: a few common names that recur across tenants, their case and
-    Unicode variants, one exactly as long as the service allows, and arbitrary
-    ids up to 64 code points. Shrinks toward ``"alice"``."""
-    fixed = st.sampled_from(["alice", "bob", "Alice", "ALICE", _CAFE_NFC, _CAFE_NFD, "李雷", "🙂", AtLimit("u")])
+    Unicode variants, ids exactly as long as the service allows (in ASCII, and in
+    two-byte characters: twice as many bytes of UTF-8 as code points), and
+    arbitrary ids up to 64 code points. Shrinks toward ``"alice"``."""
+    fixed = st.sampled_from(["alice", "bob", "Alice", "ALICE", _CAFE_NFC, _CAFE_NFD, "李雷", "🙂", AtLimit("u"),
+                             AtLimit("\u00e9")])
     return st.one_of(fixed, id_text(max_len))
 
 
 def assistant_names() -> st.SearchStrategy[str | AtLimit]:
     """Assistant names, mostly shared across tenants (the same name in two
-    tenants must give two assistants), one exactly as long as the service
-    allows. Shrinks toward ``"helper"``."""
-    return st.one_of(st.sampled_from(["helper", "support", "Helper", "analyst", AtLimit("h")]), id_text())
+    tenants must give two assistants), names exactly as long as the service
+    allows (in ASCII, in two-byte characters, and in emoji, four bytes of UTF-8
+    and two UTF-16 units each: a limit counted in bytes or in UTF-16 refuses
+    them). Shrinks toward ``"helper"``."""
+    return st.one_of(st.sampled_from(["helper", "support", "Helper", "analyst", AtLimit("h"), AtLimit("\u00e9"),
+                                      AtLimit("\U0001f916")]), id_text())
 
 
 def bad_assistant_names() -> st.SearchStrategy[str | AtLimit]:

@@ -159,15 +159,16 @@ def slow_server() -> Iterator[EmbeddedTarget]:
 @pytest.mark.timeout(150)
 def test_the_gate_starts_a_shard_that_was_ready_early_with_the_late_one(tmp_path: Path,
                                                                         slow_server: EmbeddedTarget) -> None:
-    # Shard 2's credentials take 1.5 s each to come (the token command sleeps when its parent is
-    # shard 2), so shard 1 is ready long before shard 2: without the gate it would start alone.
+    # Shard 2's credentials take 3 s each to come (the token command sleeps when its parent is
+    # shard 2), so shard 1 is ready long before shard 2, even when its own start is slow on a busy
+    # machine: without the gate it would start alone.
     token = tmp_path / "shard_token.py"  # not token.py, which would shadow the standard library's token
     token.write_text(textwrap.dedent(f"""
         import os, sys, time
         from partywall.tokens import mint
         parent = open(f"/proc/{{os.getppid()}}/cmdline", "rb").read().split(b"\\0")
         if b"2/2" in parent:
-            time.sleep(1.5)
+            time.sleep(3.0)
         print(mint({slow_server.secret!r}, sys.argv[1], sys.argv[2]))
     """), encoding="utf-8")
     out = tmp_path / "merged.json"
