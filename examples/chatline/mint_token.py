@@ -20,7 +20,6 @@ line on stderr, when the secret or an id is missing.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import hashlib
 import hmac
@@ -43,14 +42,19 @@ def mint(secret: bytes, org: str, user: str, expires: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mint_token", description="Print a chatline session token.")
-    parser.add_argument("org", nargs="?", help="org id (default: $PARTYWALL_TENANT)")
-    parser.add_argument("user", nargs="?", help="user id (default: $PARTYWALL_USER)")
-    args = parser.parse_args(argv)
+    # The two arguments are read as they are, not through an option parser: an id may begin
+    # with "-" (ids are any characters but whitespace and controls), and is still an id.
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] in (["-h"], ["--help"]):
+        print(__doc__)
+        return 0
+    if len(args) > 2:
+        print("mint_token: give at most ORG and USER", file=sys.stderr)
+        return 1
 
     secret = os.environ.get("CHATLINE_SECRET", "")
-    org = args.org if args.org is not None else os.environ.get("PARTYWALL_TENANT", "")
-    user = args.user if args.user is not None else os.environ.get("PARTYWALL_USER", "")
+    org = args[0] if len(args) > 0 else os.environ.get("PARTYWALL_TENANT", "")
+    user = args[1] if len(args) > 1 else os.environ.get("PARTYWALL_USER", "")
     if not secret:
         print("mint_token: CHATLINE_SECRET is not set", file=sys.stderr)
         return 1
