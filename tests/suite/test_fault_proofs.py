@@ -176,7 +176,10 @@ PROOFS: dict[str, Proof] = {
     "startup_in_microseconds": Proof("timing", "startup_within_latency", "fast",
                                      in_opening="the opening's first start-up already says more than it took"),
     # The message must reach the server after the leave: a re-run's timing may send it first.
-    "leave_only_mutes": Proof("protocol", "right_outcome", "fast", deterministic=False),
+    "leave_only_mutes": Proof("protocol", "right_outcome", "fast", deterministic=False,
+                              bench_only="its shrunk program needs the message to reach the server after the "
+                                         "leave; on a busy CI machine it replayed 0 of 3 times, and 0 of 3 on "
+                                         "fresh servers (bench: 3/3 seeds)"),
     # The reply that never comes is only known missing when the reply limit passes: a short one
     # keeps each replay of shrinking short.
     "leave_stops_own_turn": Proof("exactly-once", "one_complete_reply", "short_reply_limit"),
@@ -275,7 +278,7 @@ def test_fault_proofs_cover_every_planted_fault() -> None:
     assert sorted(PROOFS) == sorted(FAULTS)
     # Proven by ci/bench_faults.py only: few, and each says why.
     assert [f for f, p in PROOFS.items() if p.bench_only and not p.bench_only.startswith("CI time")] == [
-        "serial_startup", "count_per_assistant", "recovery_uncommitted"]
+        "serial_startup", "leave_only_mutes", "count_per_assistant", "recovery_uncommitted"]
     # Kept out of .ci/run for its time only where another fault proves the same check there.
     in_ci = {(p.invariant, p.check) for p in PROOFS.values() if not p.bench_only}
     assert all((p.invariant, p.check) in in_ci for p in PROOFS.values() if p.bench_only.startswith("CI time"))
