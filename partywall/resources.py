@@ -148,7 +148,9 @@ class ResourceSampler:
     def _read(self, proc: psutil.Process) -> ResourceSample:
         assert self._t0 is not None
         with proc.oneshot():
-            cpu = proc.cpu_percent(None)
+            # Over an interval shorter than the kernel's CPU-time tick (a late tick on a busy
+            # machine), one tick of CPU reads as several cores: no process uses more than all.
+            cpu = min(proc.cpu_percent(None), 100.0 * (psutil.cpu_count() or 1))
             rss = proc.memory_info().rss / MIB
             fds = proc.num_fds()
             threads = proc.num_threads()
