@@ -38,9 +38,13 @@ import importlib.util
 import itertools
 import json
 import math
+import re
 import unicodedata
+import uuid
+import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, Final, NamedTuple
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import attrs
@@ -230,11 +234,27 @@ class Frame:
     """The text as received (binary frames are decoded with replacement)."""
     problems: tuple[str, ...] = ()
     """Schema problems; empty for a well-formed frame."""
+    request: str | None = None
+    """The suite's own id of the request the frame answers, set by the driver from its ``re`` and
+    the ids its connection sent (`Adapter.request_ids`: ids on the wire are per connection, so
+    two connections send the same ones); an ``re`` the connection never sent becomes
+    `STRAY` followed by it. None when the frame did not come through the driver."""
+
+    @property
+    def wire_re(self) -> str | None:
+        """``re`` as it came on the wire (a string), or None."""
+        re_ = self.data.get("re")
+        return re_ if isinstance(re_, str) else None
 
     @property
     def re(self) -> str | None:
-        re_ = self.data.get("re")
-        return re_ if isinstance(re_, str) else None
+        """The request the frame answers (the suite's id for it), or None for a frame without ``re``."""
+        return self.request if self.request is not None else self.wire_re
+
+
+STRAY: Final = "(stray) "
+"""Begins `Frame.request` for an ``re`` its connection never sent (no request of the suite has
+such an id)."""
 
 
 
@@ -325,8 +345,28 @@ class Adapter:
         is the first frame, decoded as ``welcome`` when it let the connection in."""
         return None
 
+    def request_ids(self, conn: str) -> Iterator[str]:
+        """The ids the requests of connection ``conn`` carry on the wire, in order (the suite keeps
+        its own run-wide ids and maps each reply's ``re`` back through its connection's).
+
+        An id is chosen by the client and answers are matched per connection, so ids collide
+        across connections, as they do in production: most connections count from 1, as most
+        clients do, so two connections, of one tenant or of two, send the same id at the same
+        moment (a crowd's first requests are all ``"1"``); one in eight sends random UUIDs (which
+        never collide), and one in four sends ids of 64 characters, two- and three-byte ones after
+        a counter (the protocol's limit, in characters, not bytes). The kind depends only on the
+        connection's name, so a program replays with the same ids (but the UUIDs)."""
+        digits = re.search(r"\d+$", conn)
+        n = int(digits.group()) if digits else zlib.crc32(conn.encode("utf-8", "surrogatepass"))
+        counter = itertools.count(1)
+        if n % 4 == 3:
+            return ((f"{k}-" + "請求é" * self.limits.max_id)[: self.limits.max_id] for k in counter)
+        if n % 8 == 5:
+            return (str(uuid.uuid4()) for _ in counter)
+        return (str(k) for k in counter)
+
     def encode(self, req_type: str, req_id: str, fields: dict[str, Any]) -> str:
-        """The text frame for a request."""
+        """The text frame for a request (``req_id``: the id it carries on the wire)."""
         return json.dumps({"type": req_type, "id": req_id, **fields}, ensure_ascii=False)
 
     def bad_frame(self, kind: str, req_id: str) -> BadFrame | None:

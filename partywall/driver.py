@@ -28,7 +28,7 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -44,7 +44,7 @@ try:
 except ImportError:  # a trio that moved it: the public name
     from trio.testing import wait_all_tasks_blocked
 
-from partywall.adapter import Adapter, Frame
+from partywall.adapter import STRAY, Adapter, Frame
 from partywall.errors import HarnessError
 from partywall.history import Event, History
 from partywall.target import tls_problem
@@ -81,6 +81,10 @@ class Conn:
     stop: trio.Event = attrs.field(factory=trio.Event, repr=False)
     abrupt: bool = False
     done: trio.Event = attrs.field(factory=trio.Event, repr=False)
+    wire_ids: Iterator[str] = attrs.field(factory=lambda: iter(()), repr=False)
+    """The ids its requests carry on the wire, in order (`Adapter.request_ids`)."""
+    sent: dict[str, str] = attrs.field(factory=dict, repr=False)
+    """Wire id -> the suite's own id of the request this connection sent with it."""
 
     def __repr__(self) -> str:  # valid Python in Hypothesis's printed program
         return self.name
@@ -293,7 +297,7 @@ class Driver:
         ``token`` as ``header`` and ``query_token`` as ``query`` at once (`Adapter.handshake_both`).
         """
         assert self._nursery is not None
-        conn = Conn(name, tenant, user, via)
+        conn = Conn(name, tenant, user, via, wire_ids=self.adapter.request_ids(name))
         t0 = time.monotonic()
         data = {"tenant": tenant, "user": user, "via": via, "token_kind": token_kind}
         if url is not None:
@@ -455,6 +459,9 @@ class Driver:
         """A frame just taken off the socket at ``t``: decoded, and the request it completes woken,
         at once; recorded in the history and shown to the checks in order, by `_checks`."""
         frame = self.adapter.decode(message)
+        wire = frame.wire_re
+        if wire is not None:
+            frame = attrs.evolve(frame, request=conn.sent.get(wire, STRAY + wire))
         done = None
         pending = self.pending.get(frame.re) if frame.re is not None else None
         if pending is not None and pending.conn == conn.name and not pending.done.is_set():
@@ -567,9 +574,11 @@ class Driver:
             return None
         pending = Pending(req_id, name, req_type, t0)
         self.pending[req_id] = pending
-        self._later("invoke", req_type, t0, conn=name, req_id=req_id, data=fields)
+        wire = next(conn.wire_ids)
+        conn.sent[wire] = req_id
+        self._later("invoke", req_type, t0, conn=name, req_id=req_id, wire_id=wire, data=fields)
         try:
-            await conn.ws.send_message(self.adapter.encode(req_type, req_id, fields))
+            await conn.ws.send_message(self.adapter.encode(req_type, wire, fields))
         except ConnectionClosed:
             # Closed under it: the reader records that close, with the server's code, after
             # every frame that came before it (marking it here would lose the code).
@@ -589,6 +598,7 @@ class Driver:
                                                    else message.encode("utf-8", "surrogatepass"))})
         if not conn.open or conn.ws is None:
             return None
+        conn.sent[req_id] = req_id  # a malformed frame carries the suite's own id
         pending = None
         if expect == "too_large" and conn.close_expected_t is None:
             conn.close_expected_t = ev.t  # the server must close this connection (1009)

@@ -42,6 +42,9 @@ class Event:
     """A frame's text exactly as received."""
     step: int | None = None
     """The state-machine step that caused it, when known."""
+    wire_id: str | None = None
+    """For a request: the id it carried on the wire, its connection's own (`Adapter.request_ids`);
+    the frames that answer it carry that id as ``re``."""
 
     def brief(self) -> dict[str, Any]:
         """A JSON-able summary for evidence and reports."""
@@ -52,6 +55,8 @@ class Event:
             out["req_id"] = self.req_id
         if self.step is not None:
             out["step"] = self.step
+        if self.wire_id is not None:
+            out["id"] = self.wire_id
         if self.raw is not None:
             out["raw"] = self.raw if len(self.raw) <= 600 else self.raw[:600] + f"... ({len(self.raw)} chars)"
         elif self.data:

@@ -473,6 +473,34 @@ def reply_to_first_device(components: Components) -> Components:
     return attrs.evolve(components, scheduler=ReplyToFirstDeviceScheduler)
 
 
+class StreamByRequestIdScheduler(TurnScheduler):
+    """Keeps the streams of turns in a server-wide table keyed by the request's id ("a client that
+    reconnects sends the id again and picks its stream up"), and sends each chunk and the reply
+    to the connection the table names, forgetting the entry when the reply has gone. Ids are the
+    client's own, so a message that reuses one on another connection while the first one's turn
+    waits or streams (most clients count from 1) takes the rest of that turn."""
+
+    def __init__(self, storage: Storage, hub: Hub, agent: Agent, nursery: trio.Nursery) -> None:
+        super().__init__(storage, hub, agent, nursery)
+        self._streams: dict[str, Connection] = {}
+
+    def submit(self, conn: Connection, request: UserMessage, thread: ThreadRecord) -> None:
+        self._streams[request.id] = conn
+        super().submit(conn, request, thread)
+
+    def _send_chunk(self, conn: Connection, others: list[Subscription], frame: dict[str, Any]) -> None:
+        super()._send_chunk(self._streams.get(frame["re"], conn), others, frame)
+
+    def _deliver_response(
+        self, conn: Connection, others: list[Subscription], reply: MessageRecord, re: str, waited: bool
+    ) -> None:
+        super()._deliver_response(self._streams.pop(re, conn), others, reply, re, waited)
+
+
+def stream_by_request_id(components: Components) -> Components:
+    return attrs.evolve(components, scheduler=StreamByRequestIdScheduler)
+
+
 class ConnectionIdPerUserHub(Hub):
     """Names a connection after its user (a session key reused as the connection id): a user's
     second device is welcomed with the first one's id."""
@@ -961,6 +989,19 @@ def name_limit_in_bytes(components: Components) -> Components:
     return attrs.evolve(components, parser=NameLimitInBytesParser)
 
 
+class RequestIdLimitInBytesParser(RequestParser):
+    """Measures a request's `id` in bytes of UTF-8, as Go's ``len`` of a string does: an id of
+    64 characters, or fewer, that takes more than 64 bytes is refused."""
+
+    def check_id(self, request_id: str) -> None:
+        if len(request_id.encode("utf-8", "surrogatepass")) > 64:
+            raise ProtocolError(BAD_REQUEST, "`id` must be at most 64 bytes.", request_id)
+
+
+def request_id_limit_in_bytes(components: Components) -> Components:
+    return attrs.evolve(components, parser=RequestIdLimitInBytesParser)
+
+
 class HistoryNeedsJoinHub(Hub):
     """Serves a thread's history only to connections that joined it ("members only"), a
     check the protocol does not make: `get_history` needs no join."""
@@ -1175,6 +1216,8 @@ FAULTS: Final[dict[str, Modifier]] = {
     "list_all_tenants": list_all_tenants,
     "echo_to_requester": echo_to_requester,
     "reply_to_first_device": reply_to_first_device,
+    "stream_by_request_id": stream_by_request_id,
+    "request_id_limit_in_bytes": request_id_limit_in_bytes,
     "rejoin_mid_turn": rejoin_mid_turn,
     "limit_keeps_oldest": limit_keeps_oldest,
     "count_user_messages_only": count_user_messages_only,

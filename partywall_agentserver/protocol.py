@@ -183,7 +183,7 @@ class RequestParser:
     """Turns one client message into a Request, or raises ProtocolError.
 
     A class rather than a function so a planted fault can replace a single
-    rule (`check_content`) without a branch in the request path.
+    rule (`check_id`, `check_content`) without a branch in the request path.
     """
 
     max_in_flight: int = MAX_IN_FLIGHT
@@ -225,12 +225,7 @@ class RequestParser:
         request_id = obj.get("id")
         if not isinstance(request_id, str):
             raise ProtocolError(BAD_REQUEST, "Every request needs `id`, a string.")
-        if len(request_id) > MAX_REQUEST_ID_CHARS:
-            raise ProtocolError(
-                BAD_REQUEST,
-                f"`id` must be at most {MAX_REQUEST_ID_CHARS} characters (got {len(request_id)}).",
-                request_id,
-            )
+        self.check_id(request_id)
         kind = obj.get("type")
         if not isinstance(kind, str):
             raise ProtocolError(BAD_REQUEST, "Every request needs `type`, a string.", request_id)
@@ -241,6 +236,15 @@ class RequestParser:
         return request
 
     # -- field rules -------------------------------------------------------
+
+    def check_id(self, request_id: str) -> None:
+        """A request's own `id`: at most 64 characters (code points), any of them."""
+        if len(request_id) > MAX_REQUEST_ID_CHARS:
+            raise ProtocolError(
+                BAD_REQUEST,
+                f"`id` must be at most {MAX_REQUEST_ID_CHARS} characters (got {len(request_id)}).",
+                request_id,
+            )
 
     @staticmethod
     def _string(obj: dict[str, Any], name: str, request_id: str) -> str:

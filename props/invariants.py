@@ -176,7 +176,7 @@ def replies_to_sender(model: Model, ev: Event, frame: Frame | None) -> Iterator[
         return
     req = model.reqs.get(frame.re)
     if req is None:
-        yield Violation("routing", f"a {frame.type!r} frame answers request {frame.re!r}, which no connection of this run sent",
+        yield Violation("routing", f"a {frame.type!r} frame carries re {frame.wire_re!r}, an id {ev.conn} never sent",
                         {**_where(model, ev), "frame": frame.raw})
     elif req.conn != ev.conn:
         sender = model.conns[req.conn]

@@ -418,7 +418,7 @@ class TenantMachine(RuleBasedStateMachine):
     def crowd(self, members: list[tuple[int, str | AtLimit]], via: str, assistant: str | AtLimit) -> MultipleResults[ConnRef]:
         """Users arrive at one instant, as 100 users do at nine in the morning: they connect at
         once, and each starts an agent and lists its threads the moment its welcome arrives, all
-        at once."""
+        at once, then says hello to its agent, all at once."""
         users = [UserRef(self._id(uid), self._tenant(t), self._user_id(self._tenant(t), self._id(uid))) for t, uid in members]
         names = [self._name("c") for _ in users]
         tokens = [self._credential(u.tenant.tid, u.uid) for u in users]
@@ -442,10 +442,10 @@ class TenantMachine(RuleBasedStateMachine):
                                               {"connection": name, "tenant": user.tenant.tid, "user": user.uid, "via": via},
                                               check="valid_token_accepted"))
             refs.append(self._keep(ConnRef(name, user)))
-        threads = self._start_together([(ref, self._id(assistant)) for ref in refs], listing=True)
+        threads = self._start_together([(ref, self._id(assistant)) for ref in refs], listing=True, greeting=True)
         event(f"crowd of {len(refs)}")
-        self.outcome = (f"{', '.join(r.name for r in refs)} arrived at once, listed threads and started "
-                        f"{sum(1 for t in threads if t.thread_id is not None)} agents")
+        self.outcome = (f"{', '.join(r.name for r in refs)} arrived at once, listed threads, started "
+                        f"{sum(1 for t in threads if t.thread_id is not None)} agents and said hello")
         return multiple(*refs)
 
     def _connect_refused_all(self, tenant: TenantRef, uid: str, kinds: list[tuple[str, str]]) -> list[str]:
@@ -498,15 +498,20 @@ class TenantMachine(RuleBasedStateMachine):
         return self._start_together([(conn, assistant)], instructions)[0]
 
     def _start_together(self, starts: list[tuple[ConnRef, str]], instructions: str | None = None,
-                        listing: bool = False) -> list[ThreadRef]:
+                        listing: bool = False, greeting: bool = False) -> list[ThreadRef]:
         """Start agents at the same instant and wait for all of them (threads named in order). With
         ``listing``, each connection also lists its tenant's threads at that instant, as an app's
-        sidebar loads while its agent starts: requests of several tenants at once."""
+        sidebar loads while its agent starts: requests of several tenants at once. With
+        ``greeting``, each connection whose agent started then says hello in its new thread, all at
+        one instant, without waiting for the replies: connections that arrived together count
+        their request ids alike, so these turns stream at once under one id."""
         names = [self._name("th") for _ in starts]
         extra = {} if instructions is None else {"instructions": instructions}
         todo = [(conn, self.session.next_req_id(), {"assistant": assistant, **extra}) for conn, assistant in starts
                 if self._open(conn)]
         lists = [(conn, self.session.next_req_id()) for conn, _, _ in todo] if listing and self.has("list_threads") else []
+        greeting = greeting and self.has("user_message")
+        hellos = [self._marker_content(ContentPlan("short", "hello")) for _ in todo] if greeting else []
 
         async def fire_and_wait() -> dict[str, Any]:
             t = time.monotonic()
@@ -518,6 +523,14 @@ class TenantMachine(RuleBasedStateMachine):
             replies = {}
             for rid, pending in pendings.items():
                 replies[rid] = await self.driver.wait(pending) if pending is not None else None
+            if greeting:
+                started = [(conn, replies[rid].data["thread_id"]) for conn, rid, _ in todo
+                           if replies.get(rid) is not None and replies[rid].type == "agent_started"
+                           and isinstance(replies[rid].data.get("thread_id"), str)]
+                t = time.monotonic()
+                for (conn, thread_id), content in zip(started, hellos, strict=False):
+                    await self.driver.send(conn.name, "user_message", self.session.next_req_id(),
+                                           {"thread_id": thread_id, "content": content}, t)
             return replies
 
         replies = self._call(fire_and_wait) if todo else {}

@@ -12,7 +12,8 @@ With ``--ws`` it speaks a sliver of protocol v1 (PROTOCOL.md), for the driver
 tests: the path must be ``/ws`` (else HTTP 404 with a short body), the token
 (header or ``?token=``) must be an HS256 JWT signed with PARTYWALL_AUTH_SECRET
 carrying ``tid`` and ``sub`` (else HTTP 401, empty body), then ``welcome``
-(with the extra field ``server_pid``). Requests: ``ping`` gets ``pong``;
+(with the extra field ``server_pid``). Requests: ``ping`` gets ``pong`` (with field ``as``,
+a pong whose ``re`` is ``as``, not the ping's id);
 ``user_message`` gets ``ack`` and never its reply (a turn that never ends);
 ``drop`` makes the server cut the connection without a close frame (field
 ``how``: ``fin``, a plain close, or ``rst``, a reset); every other request gets
@@ -178,7 +179,7 @@ def _ws_session(conn: socket.socket, secret: str, stall: str) -> None:
             req = json.loads(payload)
             rid = req.get("id")
             if req.get("type") == "ping":
-                _send_json(conn, {"type": "pong", "re": rid, "server_time": time.time()})
+                _send_json(conn, {"type": "pong", "re": req.get("as", rid), "server_time": time.time()})
             elif req.get("type") == "user_message":
                 _send_json(conn, {"type": "ack", "re": rid, "thread_id": req.get("thread_id"),
                                   "message_id": uuid.uuid4().hex})

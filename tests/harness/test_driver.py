@@ -12,8 +12,10 @@ out) and recorded facts (event kinds, ops, statuses, reasons) are asserted.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -22,7 +24,7 @@ import pytest
 import trio
 
 from partywall import tokens
-from partywall.adapter import Frame
+from partywall.adapter import STRAY, Adapter, Frame
 from partywall.driver import Conn, Driver, Refused
 from partywall.history import Event, History
 from partywall.target import CommandTarget, parse_ws_url
@@ -308,3 +310,38 @@ def test_driver_follows_the_new_url_after_a_restart(
         ("invoke", "ping"), ("frame", "pong"), ("ok", "ping"),
     ]
     driver.raise_errors()
+
+
+def test_driver_request_ids_are_each_connections_own(ws_server: CommandTarget, make_driver: MakeDriver) -> None:
+    """Requests carry their connection's own ids on the wire (two connections send the same ones),
+    replies are matched through the connection that got them, and an ``re`` the connection never
+    sent answers none of the suite's requests."""
+    assert ws_server.url is not None
+    driver, history, _ = make_driver(ws_server.url, reply_timeout_s=1.0)
+    for name in ("c0", "c1"):
+        assert isinstance(_connect(driver, name, _token()), Conn)
+    pings = [driver.call(driver.send, name, "ping", f"{name}-p{k}", {}) for k in range(2) for name in ("c0", "c1")]
+    replies = [driver.call(driver.wait, p) for p in pings if p is not None]
+    assert [r.re if r else None for r in replies] == ["c0-p0", "c1-p0", "c0-p1", "c1-p1"]
+    assert [r.wire_re if r else None for r in replies] == ["1", "1", "2", "2"]
+    invokes = [(e.conn, e.req_id, e.wire_id) for e in history if e.kind == "invoke" and e.op == "ping"]
+    assert invokes == [("c0", "c0-p0", "1"), ("c1", "c1-p0", "1"), ("c0", "c0-p1", "2"), ("c1", "c1-p1", "2")]
+    # A pong carrying an id c1 never sent: it answers nothing, and is kept as stray.
+    stray = driver.call(driver.send, "c1", "ping", "c1-p2", {"as": "9"})
+    assert stray is not None and driver.call(driver.wait, stray) is None  # its own answer never came
+    frames = [e for e in history if e.kind == "frame" and e.conn == "c1" and e.op == "pong"]
+    assert frames[-1].req_id == STRAY + "9"
+    driver.raise_errors()
+
+
+@pytest.mark.parametrize(("name", "style"), [("c0", "count"), ("c3", "wide"), ("c5", "uuid"), ("u42", "count")])
+def test_request_ids_span_what_clients_send(name: str, style: str) -> None:
+    ids = list(itertools.islice(Adapter().request_ids(name), 12))
+    assert len(set(ids)) == len(ids) and all(1 <= len(i) <= 64 for i in ids)
+    if style == "count":
+        assert ids == [str(k) for k in range(1, 13)]
+    elif style == "wide":  # 64 characters, more than 64 bytes of UTF-8
+        assert all(len(i) == 64 and len(i.encode()) > 64 for i in ids)
+        assert ids == list(itertools.islice(Adapter().request_ids("c7"), 12))  # two such connections collide
+    else:
+        assert all(str(uuid.UUID(i)) == i for i in ids)

@@ -1209,3 +1209,46 @@ def test_fault_name_limit_in_bytes_refuses_a_valid_name_of_multibyte_characters(
         assert await answer(fast_server) == "agent_started"
 
     run(main)
+
+
+def test_fault_stream_by_request_id_gives_a_stream_to_whoever_reuses_its_id(
+    start_server: Any, paced_server: ServerProcess, tenant: str
+) -> None:
+    server = start_server(*PACED, "--fault", "stream_by_request_id")
+
+    async def taken(target: ServerProcess) -> list[str]:
+        """The thread ids in frames a second tenant's connection gets after it sends a message
+        with the id of the first tenant's message that is still streaming."""
+        async with open_client(target, tenant + "-a") as a, open_client(target, tenant + "-b") as b:
+            mine, theirs = await new_thread(a), await new_thread(b)
+            await a.request("user_message", id="7", thread_id=mine, content="a's turn")
+            await a.wait_for(lambda f: f["type"] == "agent_chunk")
+            await b.request("user_message", id="7", thread_id=theirs, content="b's turn")
+            await b.reply("7", "agent_response")
+            await trio.sleep(0.3)
+            return sorted({f["thread_id"] for f in b.frames if f.get("thread_id") == mine})
+
+    async def main() -> None:
+        assert len(await taken(server)) == 1
+        assert await taken(paced_server) == []
+
+    run(main)
+
+
+def test_fault_request_id_limit_in_bytes_refuses_a_valid_id_of_multibyte_characters(
+    start_server: Any, fast_server: ServerProcess, tenant: str
+) -> None:
+    server = start_server(*FAST, "--fault", "request_id_limit_in_bytes")
+    request_id = "\u8acb" * 64  # 64 code points, 192 bytes of UTF-8
+
+    async def answer(target: ServerProcess) -> str:
+        async with open_client(target, tenant + "-rid") as client:
+            reply = await client.call("ping", "pong", id=request_id)
+            assert reply["re"] == request_id
+            return reply["code"] if reply["type"] == "error" else reply["type"]
+
+    async def main() -> None:
+        assert await answer(server) == "bad_request"
+        assert await answer(fast_server) == "pong"
+
+    run(main)

@@ -219,6 +219,16 @@ PROOFS: dict[str, Proof] = {
     "claims_any_string": Proof("isolation", "identity_as_token", "fast", bench_only=proven_by("alg_none")),
     "assistant_name_trimmed": Proof("protocol", "right_outcome", "fast", bench_only=proven_by("bool_is_int_limit")),
     "name_limit_in_bytes": Proof("protocol", "right_outcome", "fast", bench_only=proven_by("bool_is_int_limit")),
+    # A turn's frames go to whichever connection sent its id last: of another tenant (isolation),
+    # or of the same one, where they answer that connection's own request of the same id, before
+    # its ack, twice, or with another thread's chunks. Which comes first follows the turns' timing.
+    "stream_by_request_id": Proof("isolation", "no_foreign_data", "streaming", deterministic=False,
+                                  also=("protocol/frames_match_schema", "exactly-once/one_complete_reply",
+                                        "ordering/chunks_in_order", "protocol/replies_as_predicted"),
+                                  bench_only=proven_by("assistant_by_name")),
+    "request_id_limit_in_bytes": Proof("protocol", "right_outcome", "fast", bench_only=proven_by("bool_is_int_limit"),
+                                       in_opening="the opening's c3 sends ids of 64 characters, two- and three-byte "
+                                                  "ones"),
     "assistant_create_race": Proof("protocol", "frames_match_schema", "fast", deterministic=False,
                                    also=("protocol/right_outcome",),
                                    bench_only=proven_by("surrogates_pass")),
@@ -285,7 +295,7 @@ def test_fault_proofs_cover_every_planted_fault() -> None:
     # Shown by the fixed opening of every example: few, and each says why.
     assert [f for f, p in PROOFS.items() if p.in_opening] == ["counter_thread_ids", "startup_in_microseconds",
                                                               "bearer_case_sensitive", "history_needs_join",
-                                                              "connection_id_per_user"]
+                                                              "connection_id_per_user", "request_id_limit_in_bytes"]
 
 
 #: In .ci/run (not bench-only), in name order.
