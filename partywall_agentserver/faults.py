@@ -501,6 +501,31 @@ def stream_by_request_id(components: Components) -> Components:
     return attrs.evolve(components, scheduler=StreamByRequestIdScheduler)
 
 
+class _NobodyListening(Exception):
+    """The requester's connection is gone: the turn is given up."""
+
+
+class AbandonUnheardScheduler(TurnScheduler):
+    """Stops a turn whose requester has disconnected ("nobody is listening, so stop paying for
+    tokens"): the agent stops at its next chunk and no reply is stored, though the message was
+    acked and the turn had begun."""
+
+    def _send_chunk(self, conn: Connection, others: list[Subscription], frame: dict[str, Any]) -> None:
+        if conn.closed:
+            raise _NobodyListening(frame["thread_id"])
+        super()._send_chunk(conn, others, frame)
+
+    async def _turn(self, conn: Connection, request: UserMessage, thread: ThreadRecord, waited: bool) -> None:
+        try:
+            await super()._turn(conn, request, thread, waited)
+        except _NobodyListening:
+            log.info("turn on thread %s abandoned: its requester is gone", thread.thread_id)
+
+
+def abandon_unheard(components: Components) -> Components:
+    return attrs.evolve(components, scheduler=AbandonUnheardScheduler)
+
+
 class ConnectionIdPerUserHub(Hub):
     """Names a connection after its user (a session key reused as the connection id): a user's
     second device is welcomed with the first one's id."""
@@ -523,6 +548,54 @@ class LiveMembershipHub(Hub):
 
 def rejoin_mid_turn(components: Components) -> Components:
     return attrs.evolve(components, hub=LiveMembershipHub)
+
+
+class SlotKeyedHub(Hub):
+    """Keys a thread's subscriptions by the connection's slot, a small number handed out lowest
+    free first, as file descriptors are ("the fd is the connection"), and frees the slot when
+    the connection closes without clearing the subscriptions filed under it: the next
+    connection given that slot, of any tenant, receives the fan-out of threads it never joined."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._by_slot: dict[str, dict[int, int]] = {}
+        self._slot_of: dict[Connection, int] = {}
+        self._holder: dict[int, Connection] = {}
+
+    def _slot(self, conn: Connection) -> int:
+        slot = self._slot_of.get(conn)
+        if slot is None:
+            slot = next(n for n in itertools.count() if n not in self._holder)
+            self._slot_of[conn], self._holder[slot] = slot, conn
+        return slot
+
+    def join(self, conn: Connection, thread_id: str) -> None:
+        self._joined.setdefault(conn, set()).add(thread_id)
+        subscribers = self._by_slot.setdefault(thread_id, {})
+        slot = self._slot(conn)
+        if slot not in subscribers:
+            subscribers[slot] = next(self._numbers)
+
+    def _unsubscribe(self, conn: Connection, thread_id: str) -> None:
+        self._by_slot.get(thread_id, {}).pop(self._slot_of.get(conn, -1), None)
+
+    def receives(self, subscription: Subscription, thread_id: str) -> bool:
+        conn, number = subscription
+        return self._by_slot.get(thread_id, {}).get(self._slot_of.get(conn, -1)) == number
+
+    def subscribers(self, thread_id: str) -> list[Subscription]:
+        return [(self._holder[slot], number) for slot, number in self._by_slot.get(thread_id, {}).items()
+                if slot in self._holder]
+
+    def drop(self, conn: Connection) -> None:
+        self._joined.pop(conn, None)
+        slot = self._slot_of.pop(conn, None)
+        if slot is not None:
+            del self._holder[slot]
+
+
+def slot_reuse(components: Components) -> Components:
+    return attrs.evolve(components, hub=SlotKeyedHub)
 
 
 # -- durability --------------------------------------------------------------
@@ -1217,6 +1290,8 @@ FAULTS: Final[dict[str, Modifier]] = {
     "echo_to_requester": echo_to_requester,
     "reply_to_first_device": reply_to_first_device,
     "stream_by_request_id": stream_by_request_id,
+    "slot_reuse": slot_reuse,
+    "abandon_unheard": abandon_unheard,
     "request_id_limit_in_bytes": request_id_limit_in_bytes,
     "rejoin_mid_turn": rejoin_mid_turn,
     "limit_keeps_oldest": limit_keeps_oldest,

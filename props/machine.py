@@ -674,13 +674,14 @@ class TenantMachine(RuleBasedStateMachine):
             self._send(conn, threads[i % len(threads)], self._marker_content(plan), plan)
 
     @rule(conn=conns, i=st.integers(0, 7), plans=st.lists(contents(), min_size=2, max_size=4),
-          then_leave=st.sampled_from([False, False, False, True]))
+          then=st.sampled_from(["stay"] * 5 + ["leave"] * 2 + ["hang up"]))
     @recorded
-    def chat(self, conn: ConnRef, i: int, plans: list[ContentPlan], then_leave: bool = False) -> None:
+    def chat(self, conn: ConnRef, i: int, plans: list[ContentPlan], then: str = "stay") -> None:
         """Type several messages in a row without waiting for the replies (they queue behind each
-        other in the thread), as people do: messages are most of what a service carries. With
-        ``then_leave`` the user leaves the thread right after (moves on to another one): the
-        replies still come to this connection, with ``re``."""
+        other in the thread), as people do: messages are most of what a service carries. Then
+        (``then``) the user stays; or leaves the thread right after (moves on to another one):
+        the replies still come to this connection, with ``re``; or hangs up (closes the tab):
+        the turn that has begun must still finish and store its reply."""
         threads = self._talkable(conn)
         if not threads:
             self.outcome = f"{conn.name} has no thread to talk in"
@@ -691,7 +692,8 @@ class TenantMachine(RuleBasedStateMachine):
         sends = [(self.session.next_req_id(), {"thread_id": thread.thread_id, "content": self._marker_content(plan)})
                  for plan in plans]
 
-        leave = then_leave and self.has("leave_thread") and thread in self.joined.get(conn.name, [])
+        leave = then == "leave" and self.has("leave_thread") and thread in self.joined.get(conn.name, [])
+        hang_up = then == "hang up"
 
         async def in_a_row() -> None:  # one call into the driver's loop for all of them
             for rid, fields in sends:
@@ -701,13 +703,22 @@ class TenantMachine(RuleBasedStateMachine):
                                                  {"thread_id": thread.thread_id})
                 if pending is not None:
                     await self.driver.wait(pending)
+            elif hang_up:
+                first = self.driver.pending.get(sends[0][0])
+                if first is not None:  # the first turn has begun (acked) when the tab closes
+                    with trio.move_on_after(self.driver.reply_timeout_s):
+                        await first.answered.wait()
+                await self.driver.disconnect(conn.name)
 
         self._call(in_a_row)
-        event(f"chat of {len(plans)}" + (", then leave" if leave else ""))
+        event(f"chat of {len(plans)}" + (f", then {then}" if leave or hang_up else ""))
         self.outcome = f"{conn.name} sent {len(plans)} messages in a row to {thread.name}"
         if leave:
             self.joined[conn.name].remove(thread)
             self.outcome += ", and left it"
+        elif hang_up:
+            self.joined.pop(conn.name, None)
+            self.outcome += ", and hung up"
 
     @precondition(within_budget("pipeline"))
     @rule(conn=conns, n=st.integers(16, 64), i=st.integers(0, 7))

@@ -71,7 +71,7 @@ def _same(caught: Violation | None, found: Violation) -> bool:
 #: Simpler values to try for a step's plain arguments, by argument name.
 SIMPLER: dict[str, list[Any]] = {
     "first": ["acme"], "second": ["globex"], "base": ["acme"], "uid": ["alice"], "assistant": ["helper"],
-    "via": ["header"], "abrupt": [False], "limit": [None], "i": [0], "then_leave": [False],
+    "via": ["header"], "abrupt": [False], "limit": [None], "i": [0], "then": ["stay"],
     "plan": [{"content": ["short", ""]}],
 }
 

@@ -1252,3 +1252,53 @@ def test_fault_request_id_limit_in_bytes_refuses_a_valid_id_of_multibyte_charact
         assert await answer(fast_server) == "pong"
 
     run(main)
+
+
+def test_fault_abandon_unheard_stores_no_reply_once_the_requester_is_gone(
+    start_server: Any, paced_server: ServerProcess, tenant: str
+) -> None:
+    server = start_server(*PACED, "--fault", "abandon_unheard")
+
+    async def roles_after_hang_up(target: ServerProcess) -> list[str]:
+        """The thread's history after its requester closed right after the ack."""
+        async with open_client(target, tenant + "-gone") as reader:
+            thread_id = await new_thread(reader)
+            await reader.call("leave_thread", "left", thread_id=thread_id)
+            async with open_client(target, tenant + "-gone") as talker:
+                await talker.call("join_thread", "joined", thread_id=thread_id)
+                await talker.call("user_message", "ack", thread_id=thread_id, content="then I closed the tab")
+            await trio.sleep(0.6)  # 4 chunks 60 ms apart: the turn has long ended
+            history = await reader.call("get_history", "history", thread_id=thread_id)
+            return [m["role"] for m in history["messages"]]
+
+    async def main() -> None:
+        assert await roles_after_hang_up(server) == ["user"]
+        assert await roles_after_hang_up(paced_server) == ["user", "assistant"]
+
+    run(main)
+
+
+def test_fault_slot_reuse_hands_a_closed_connections_threads_to_the_next_one(
+    start_server: Any, fast_server: ServerProcess, tenant: str
+) -> None:
+    server = start_server(*FAST, "--fault", "slot_reuse")
+
+    async def leaked(target: ServerProcess) -> list[str]:
+        """The types of frames of acme's thread that reach a globex connection opened after the
+        acme connection that had joined it closed."""
+        async with open_client(target, tenant + "-acme") as owner:
+            thread_id = await new_thread(owner)
+        async with open_client(target, tenant + "-globex") as stranger, open_client(
+            target, tenant + "-acme"
+        ) as colleague:
+            await new_thread(stranger)  # its first join: the slot the owner left
+            await colleague.call("join_thread", "joined", thread_id=thread_id)
+            await colleague.turn(thread_id, "acme only")
+            await trio.sleep(0.1)
+            return [f["type"] for f in stranger.frames if f.get("thread_id") == thread_id]
+
+    async def main() -> None:
+        assert "thread_message" in await leaked(server)
+        assert await leaked(fast_server) == []
+
+    run(main)

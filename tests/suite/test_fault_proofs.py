@@ -226,6 +226,16 @@ PROOFS: dict[str, Proof] = {
                                   also=("protocol/frames_match_schema", "exactly-once/one_complete_reply",
                                         "ordering/chunks_in_order", "protocol/replies_as_predicted"),
                                   bench_only=proven_by("assistant_by_name")),
+    # The chat rule hangs up once its first message is acked; the turn's reply must still be
+    # stored. The next message to the thread then follows the unanswered one; without one, the
+    # audit waits the reply limit for the reply (a short limit keeps replays short).
+    "abandon_unheard": Proof("ordering", "history_in_commit_order", "short_reply_limit",
+                             also=("ordering/chunks_in_order",)),
+    # A closed connection's slot goes to the next connection to join a thread, with the closed
+    # one's subscriptions: of another tenant (isolation) or of the same (routing). Slots outlive
+    # examples, so a re-run may find its slot taken by one of the run's earlier connections.
+    "slot_reuse": Proof("isolation", "no_foreign_data", "fast", deterministic=False,
+                        also=("routing/fanout_to_members",)),
     "request_id_limit_in_bytes": Proof("protocol", "right_outcome", "fast", bench_only=proven_by("bool_is_int_limit"),
                                        in_opening="the opening's c3 sends ids of 64 characters, two- and three-byte "
                                                   "ones"),
