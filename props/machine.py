@@ -595,12 +595,19 @@ class TenantMachine(RuleBasedStateMachine):
     @rule(conn=conns, i=st.integers(0, 7))
     @recorded
     def leave_joined(self, conn: ConnRef, i: int) -> None:
-        """Leave one of the threads this connection has joined."""
+        """Leave one of the threads this connection has joined, then post there once more, as a
+        stale tab does after its user moved on (PROTOCOL.md: a thread not joined refuses it)."""
         threads = self.joined.get(conn.name, [])
         if not threads:
             self.outcome = f"{conn.name} has joined no thread"
         elif self._open(conn, threads[i % len(threads)]):
-            self._leave(conn, threads[i % len(threads)])
+            thread = threads[i % len(threads)]
+            self._leave(conn, thread)
+            if self.has("user_message"):
+                content = self._marker_content(ContentPlan("short", "still there?"))
+                pending = self._fire(conn, "user_message", {"thread_id": thread.thread_id, "content": content})
+                reply = self._call(self.driver.wait, pending) if pending else None
+                self.outcome += f"; posted there after: {reply.type if reply else 'no answer'}"
 
     @precondition(lambda self: self.has("leave_thread") and within_budget("rejoin")(self))
     @rule(conn=conns, i=st.integers(0, 7))
