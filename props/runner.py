@@ -10,6 +10,7 @@ it reproduces, and writes a replay file for `partywall replay`.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -46,9 +47,13 @@ def run_property(session: Session, machine: type[TenantMachine] = TenantMachine)
         k = sum(1 for _ in range(REPRODUCE_RUNS) if _same(replay(session, machine, program)[0], found))
         failure = {**failure, "program": program, "violation": violation.to_json()}
         path = write_replay(session, failure, f"{k}/{REPRODUCE_RUNS}")
+        earlier = earlier_example(violation.evidence) or earlier_example(found.evidence)
         detail = (f"Shrunk from {session.stats.get('found_steps')} to {len(program)} steps "
                   f"in {session.stats.get('shrink_s')} s; reproduced {k}/{REPRODUCE_RUNS} on re-runs.\n"
-                  f"Replay: partywall replay {path}\n{format_program(program)}")
+                  + (f"What leaked is of tenant {earlier!r}, of an earlier example, which the server still "
+                     "held when this one ran: this example's program alone may not bring it back.\n"
+                     if earlier else "")
+                  + f"Replay: partywall replay {path}\n{format_program(program)}")
         session.report(violation, f"{k}/{REPRODUCE_RUNS}", str(path), detail)
         raise Violation(violation.invariant, f"{violation.title}\n\n{detail}", violation.evidence,
                         violation.check) from (exc if not isinstance(exc, Violation) else None)
@@ -59,6 +64,20 @@ def run_property(session: Session, machine: type[TenantMachine] = TenantMachine)
     bad = [v for v in session.violations if v.violation.invariant == "timing" and "p95" in v.violation.title]
     if bad:
         raise bad[0].violation
+
+
+#: A tenant id the session made: its run and example (`Session.next_prefix`).
+_EXAMPLE_TENANT = re.compile(r"^pw[0-9a-f]+e(\d+)-")
+
+
+def earlier_example(evidence: dict[str, Any]) -> str | None:
+    """The tenant whose data leaked, when it is of an earlier example than the connection it
+    reached (a leak across examples, which no program of one example replays); else None."""
+    owner = _EXAMPLE_TENANT.match(str(evidence.get("owner_tenant", "")))
+    here = _EXAMPLE_TENANT.match(str(evidence.get("tenant", "")))
+    if owner is None or here is None or int(owner.group(1)) >= int(here.group(1)):
+        return None
+    return str(evidence["owner_tenant"])
 
 
 def _same(caught: Violation | None, found: Violation) -> bool:

@@ -412,3 +412,16 @@ def test_shrinker_records_its_figures_in_session_stats(monkeypatch: pytest.Monke
     assert list(session.stats) == ["steps", "found_steps", "shrink_s", "shrunk_steps"]
     assert session.stats["found_steps"] == 4 and session.stats["shrunk_steps"] == 3
     assert isinstance(session.stats["shrink_s"], float)
+
+
+@pytest.mark.parametrize(("owner", "here", "earlier"), [
+    ("pw3ecac3e5-acme", "pw3ecac3e7-acme", True),    # leaked from example 5 into example 7
+    ("pw3ecac3e7-globex", "pw3ecac3e7-acme", False),  # within one example
+    ("pw3ecac3e12-acme", "pw3ecac3e7-acme", False),  # a later example's (not a leak across time)
+    ("acme-prod", "globex-prod", False),              # provisioned tenants: no example in their names
+])
+def test_a_leak_from_an_earlier_example_is_named(owner: str, here: str, earlier: bool) -> None:
+    """A finding whose data is of an earlier example says so: no program of one example replays it."""
+    found = runner.earlier_example({"owner_tenant": owner, "tenant": here})
+    assert found == (owner if earlier else None)
+    assert runner.earlier_example({"tenant": here}) is None
