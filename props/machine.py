@@ -703,18 +703,16 @@ class TenantMachine(RuleBasedStateMachine):
         hang_up = then == "hang up"
 
         async def in_a_row() -> None:  # one call into the driver's loop for all of them
-            for rid, fields in sends:
-                await self.driver.send(conn.name, "user_message", rid, fields)
+            sent = [await self.driver.send(conn.name, "user_message", rid, fields) for rid, fields in sends]
             if leave:
                 pending = await self.driver.send(conn.name, "leave_thread", self.session.next_req_id(),
                                                  {"thread_id": thread.thread_id})
                 if pending is not None:
                     await self.driver.wait(pending)
             elif hang_up:
-                first = self.driver.pending.get(sends[0][0])
-                if first is not None:  # the first turn has begun (acked) when the tab closes
+                if sent[0] is not None:  # the first turn has begun (acked) when the tab closes
                     with trio.move_on_after(self.driver.reply_timeout_s):
-                        await first.answered.wait()
+                        await sent[0].answered.wait()
                 await self.driver.disconnect(conn.name)
 
         self._call(in_a_row)
