@@ -1039,9 +1039,28 @@ class TenantMachine(RuleBasedStateMachine):
     @rule()
     @recorded
     def settle(self) -> None:
+        """Wait until every request is answered; then each party lists its threads, on its first open
+        connection: with nothing of this example in flight, each thread's message count has one
+        right value, so a count that is wrong is wrong every time the program runs."""
         self.settled_at = self.step_no
         left = self._call(self.driver.settle, self._found)
         self.outcome = f"settled ({len(left)} still pending)"
+        if not self.has("list_threads"):
+            return
+        first: dict[tuple[str, str | None], str] = {}
+        for name in sorted(self.driver.conns, key=lambda n: (len(n), n)):  # c2 before c10: the order they opened
+            if self.driver.conns[name].open and name in self.model.conns and self.model.conns[name].token_kind == "valid":
+                first.setdefault(self.model.party_of(name), name)
+
+        async def list_each() -> None:
+            t = time.monotonic()
+            pendings = [await self.driver.send(name, "list_threads", self.session.next_req_id(), {}, t)
+                        for name in first.values()]
+            await self.driver.settle(self._found, only=[p for p in pendings if p is not None])
+
+        if first:
+            self._call(list_each)
+            self.outcome += f"; {len(first)} listed their threads"
 
     # Not before step CRASH_AFTER: a crash closes every connection of the example, so an
     # early one leaves the rest of it nothing joined to talk in (a step count, never a server

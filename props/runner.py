@@ -43,8 +43,7 @@ def run_property(session: Session, machine: type[TenantMachine] = TenantMachine)
         # Examples generated until the failure (the replays of shrinking count as examples too).
         session.stats["found_at_example"] = session.stats.get("examples", 0)
         budget = float(session.config.get("shrink_seconds", 40))
-        program, violation = shrink(session, machine, failure["program"], found, budget)
-        k = sum(1 for _ in range(REPRODUCE_RUNS) if _same(replay(session, machine, program)[0], found))
+        program, violation, k = shrink(session, machine, failure["program"], found, budget)
         failure = {**failure, "program": program, "violation": violation.to_json()}
         path = write_replay(session, failure, f"{k}/{REPRODUCE_RUNS}")
         earlier = earlier_example(violation.evidence) or earlier_example(found.evidence)
@@ -95,14 +94,20 @@ SIMPLER: dict[str, list[Any]] = {
 }
 
 
+#: Marks the waiting step `shrink_program` put in (its ``steady``): no later stage removes it.
+PINNED = "_pinned"
+#: The machine's rule that waits until every request is answered (and then lists each party's threads).
+STEADY = "settle"
+
 #: Runs a candidate program: (the violation it raised or None, each step's outcome);
 #: raises HarnessError when the candidate is not a valid program. `replay`, bound to a session.
 Replay = Callable[[list[dict[str, Any]]], tuple[Violation | None, list[str]]]
 
 
 def shrink(session: Session, machine: type[TenantMachine], program: list[dict[str, Any]], found: Violation,
-           budget_s: float) -> tuple[list[dict[str, Any]], Violation]:
-    """Shrink a failing program by replaying candidates against the server, within a time budget.
+           budget_s: float) -> tuple[list[dict[str, Any]], Violation, int]:
+    """Shrink a failing program by replaying candidates against the server, within a time budget;
+    (the program, its violation, how many of `REPRODUCE_RUNS` re-runs of it failed the same way).
 
     Hypothesis's own shrinker re-runs the whole machine hundreds of times;
     against a live server at 0.1-1 s a run that takes longer than a proof
@@ -115,15 +120,18 @@ def shrink(session: Session, machine: type[TenantMachine], program: list[dict[st
     """
     session.stats["found_steps"] = len(program)
     best, best_v, stats = shrink_program(program, found, lambda candidate: replay(session, machine, candidate),
-                                         budget_s)
+                                         budget_s, reproduce=REPRODUCE_RUNS,
+                                         steady=STEADY if hasattr(machine, STEADY) else None)
+    reproduced = stats.pop("reproduced")
     session.stats.update(stats)
-    return best, best_v
+    return best, best_v, reproduced
 
 
 def shrink_program(program: list[dict[str, Any]], found: Violation, run: Replay, budget_s: float,
-                   clock: Callable[[], float] = time.monotonic,
+                   clock: Callable[[], float] = time.monotonic, *, reproduce: int = 0, steady: str | None = None,
                    ) -> tuple[list[dict[str, Any]], Violation, dict[str, Any]]:
-    """The shrunk program, its violation, and ``found_steps``, ``shrunk_steps`` and ``shrink_s``.
+    """The shrunk program, its violation, and ``found_steps``, ``shrunk_steps`` and ``shrink_s``
+    (and ``reproduced``, with ``reproduce``).
 
     In order: cut the steps after the one during which the violation was seen
     (``found.evidence["step"]``, 1-based); drop every step of one rule at once,
@@ -136,18 +144,27 @@ def shrink_program(program: list[dict[str, Any]], found: Violation, run: Replay,
     ``then``); a candidate ``run`` refuses with HarnessError is not a valid
     program. The cut always runs; after it, once ``clock`` reaches the budget
     no further candidate is started and the best so far is returned.
+
+    With ``reproduce``, the result is then run that many times, and
+    ``reproduced`` counts the runs that failed the same way (these runs are
+    not bounded by the budget). When not all did and ``steady`` names a rule
+    without arguments that waits until every request is answered, the budget
+    left goes on a steadier program: that step put just before the one that
+    saw the violation, kept if the program still fails, shrunk again around
+    it (it stays), and taken instead if it reproduces more often. What the
+    violation is seen in then no longer depends on how fast earlier replies came.
     ``run`` and ``clock`` are its only contact with the world (tests script both).
     """
     deadline = clock() + budget_s
     started = clock()
     best, best_v = list(program), found
 
-    def fails(candidate: list[dict[str, Any]]) -> tuple[Violation, list[dict[str, Any]]] | None:
+    def fails(candidate: list[dict[str, Any]], tries: int = 3) -> tuple[Violation, list[dict[str, Any]]] | None:
         """(the violation, the steps that ran) when the candidate breaks the same invariant."""
         # Up to three tries: against a live server a failing program may pass by chance
         # (a race lost, random ids that happened to sort right); one lucky pass must not
         # undo a step. A candidate that fails at the first try costs one run.
-        for _ in range(3):
+        for _ in range(tries):
             try:
                 caught, outcomes = run(candidate)
             except HarnessError:
@@ -171,40 +188,67 @@ def shrink_program(program: list[dict[str, Any]], found: Violation, run: Replay,
             best_v, best = result
     # The opening `world` step makes what every later step refers to: it stays.
     first = 1 if best and best[0]["rule"] == "world" else 0
-    # Then drop whole kinds of step at once (every ping, every bad frame, every crash...):
-    # one run each, and most kinds have nothing to do with the failure.
-    for kind in sorted({step["rule"] for step in best[first:]}, key=lambda k: -sum(st["rule"] == k for st in best)):
-        if clock() >= deadline:
-            break
-        candidate = [dict(step) for i, step in enumerate(best) if i < first or step["rule"] != kind]
-        result = fails(candidate) if len(candidate) < len(best) else None
-        if result is not None:
-            best_v, best = result
-    chunk = max(1, (len(best) - first) // 2)
-    while chunk >= 1 and clock() < deadline:
-        i, removed = first, False
-        while i < len(best) and clock() < deadline:
-            candidate = [dict(step) for step in best[:i] + best[i + chunk:]]
-            result = fails(candidate) if candidate else None
+
+    def smaller(best: list[dict[str, Any]], best_v: Violation) -> tuple[list[dict[str, Any]], Violation]:
+        # Drop whole kinds of step at once (every ping, every bad frame, every crash...):
+        # one run each, and most kinds have nothing to do with the failure.
+        for kind in sorted({step["rule"] for step in best[first:]}, key=lambda k: -sum(st["rule"] == k for st in best)):
+            if clock() >= deadline:
+                break
+            candidate = [dict(step) for i, step in enumerate(best)
+                         if i < first or step["rule"] != kind or PINNED in step]
+            result = fails(candidate) if len(candidate) < len(best) else None
             if result is not None:
-                (best_v, best), removed = result, True
-            else:
-                i += chunk
-        if not removed:
-            chunk //= 2
-    for idx in range(len(best)):
-        if idx >= len(best):
-            break
-        for name, value in list(best[idx]["args"].items()):
-            for simpler in SIMPLER.get(name, []):
-                if clock() >= deadline or value == simpler:
-                    break
-                candidate = [dict(s, args=dict(s["args"])) for s in best]
-                candidate[idx]["args"][name] = simpler
-                result = fails(candidate)
-                if result is not None and len(result[1]) > idx:
-                    best_v, best = result
-    stats = {"found_steps": len(program), "shrink_s": round(clock() - started, 1), "shrunk_steps": len(best)}
+                best_v, best = result
+        chunk = max(1, (len(best) - first) // 2)
+        while chunk >= 1 and clock() < deadline:
+            i, removed = first, False
+            while i < len(best) and clock() < deadline:
+                if any(PINNED in step for step in best[i:i + chunk]):
+                    i += chunk
+                    continue
+                candidate = [dict(step) for step in best[:i] + best[i + chunk:]]
+                result = fails(candidate) if candidate else None
+                if result is not None:
+                    (best_v, best), removed = result, True
+                else:
+                    i += chunk
+            if not removed:
+                chunk //= 2
+        for idx in range(len(best)):
+            if idx >= len(best):
+                break
+            for name, value in list(best[idx]["args"].items()):
+                for simpler in SIMPLER.get(name, []):
+                    if clock() >= deadline or value == simpler:
+                        break
+                    candidate = [dict(s, args=dict(s["args"])) for s in best]
+                    candidate[idx]["args"][name] = simpler
+                    result = fails(candidate)
+                    if result is not None and len(result[1]) > idx:
+                        best_v, best = result
+        return best, best_v
+
+    def reproduced(program: list[dict[str, Any]]) -> int:
+        return sum(1 for _ in range(reproduce) if _same(run([dict(step) for step in program])[0], found))
+
+    best, best_v = smaller(best, best_v)
+    stats: dict[str, Any] = {"found_steps": len(program)}
+    if reproduce:
+        k = reproduced(best)
+        # The kept program ends at the step that saw the violation: wait for everything before it.
+        if (k < reproduce and steady is not None and clock() < deadline and len(best) - 1 > first
+                and best[-2]["rule"] != steady):
+            wait = {"rule": steady, "args": {}, "then": None, "made": [], PINNED: True}
+            result = fails([dict(step) for step in best[:-1]] + [wait, dict(best[-1])], tries=1)
+            if result is not None:
+                steadier, steadier_v = smaller(result[1], result[0])
+                k_steadier = reproduced(steadier)
+                if k_steadier > k:
+                    best, best_v, k = steadier, steadier_v, k_steadier
+        stats["reproduced"] = k
+    best = [{key: value for key, value in step.items() if key != PINNED} for step in best]
+    stats.update({"shrink_s": round(clock() - started, 1), "shrunk_steps": len(best)})
     return best, best_v, stats
 
 

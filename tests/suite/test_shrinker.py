@@ -393,6 +393,85 @@ def test_shrinker_records_what_each_kept_step_did() -> None:
     assert program == before
 
 
+SETTLE = step("settle")
+
+
+def flaky_unless_settled(*, settled_fails: bool) -> Verdict:
+    """A and B fail together, but only every other run (a race), unless a settle comes right before B:
+    then always (``settled_fails``: a read that is wrong whenever it comes after the commits) or
+    never (a failure that needs the race)."""
+    runs = 0
+
+    def verdict(candidate: Program) -> tuple[str, int] | None:
+        nonlocal runs
+        failing = when_all(A, B)(candidate)
+        if failing is None:
+            return None
+        at = keys(candidate).index(key(B))
+        if candidate[at - 1]["rule"] == "settle":
+            return failing if settled_fails else None
+        runs += 1
+        return failing if runs % 2 else None
+
+    return verdict
+
+
+def test_shrinker_waits_before_the_failing_step_when_the_program_reproduces_only_sometimes() -> None:
+    """Reproduced 1 of 3 times: a settle before B makes it 3 of 3, and no later stage removes it."""
+    extra = step("start_agent", made=["th3"], conn=C1, assistant="support")
+    program = [world(), A, extra, B]
+    server = Scripted(flaky_unless_settled(settled_fails=True))
+
+    best, violation, stats = shrink_program(program, found(program), server, NEVER, clock=frozen,
+                                            reproduce=3, steady="settle")
+
+    assert keys(best) == keys([world(), A, SETTLE, B])
+    assert stats["reproduced"] == 3 and stats["shrunk_steps"] == 4 and violation.invariant == "isolation"
+    assert all("_pinned" not in s for s in best)  # the mark stays inside the shrinker
+    # The program without the wait reproduced less often; the wait went in before B, and every
+    # later candidate (shrinking again around it) kept it.
+    assert server.runs_of([world(), A, B])[-3:].count("isolation") < 3
+    first_wait = next(i for i, run in enumerate(server.runs) if has(run, SETTLE))
+    assert all(has(run, SETTLE) for run in server.runs[first_wait:])
+    assert keys(server.runs[first_wait]) == keys([world(), A, SETTLE, B])
+
+
+def test_shrinker_without_a_steady_rule_keeps_the_program_that_reproduces_only_sometimes() -> None:
+    """The same server, no ``steady``: the shrinker cannot add the wait, and says how often it reproduced."""
+    program = [world(), A, step("start_agent", made=["th3"], conn=C1, assistant="support"), B]
+    server = Scripted(flaky_unless_settled(settled_fails=True))
+
+    best, _, stats = shrink_program(program, found(program), server, NEVER, clock=frozen, reproduce=3)
+
+    assert keys(best) == keys([world(), A, B]) and stats["reproduced"] < 3
+    assert not any(s["rule"] == "settle" for run in server.runs for s in run)
+
+
+def test_shrinker_adds_no_wait_to_a_program_that_always_reproduces() -> None:
+    """Reproduced 3 of 3: no candidate with a wait is run."""
+    program = [world(), A, step("start_agent", made=["th3"], conn=C1, assistant="support"), B]
+    server = Scripted(when_all(A, B))
+
+    best, _, stats = shrink_program(program, found(program), server, NEVER, clock=frozen,
+                                    reproduce=3, steady="settle")
+
+    assert keys(best) == keys([world(), A, B]) and stats["reproduced"] == 3
+    assert server.runs_of([world(), A, B])[-3:] == ["isolation"] * 3
+    assert not any(s["rule"] == "settle" for run in server.runs for s in run)
+
+
+def test_shrinker_drops_a_wait_that_makes_the_failure_go_away() -> None:
+    """A failure that needs the race: the program with the wait passes once, and is not taken."""
+    program = [world(), A, step("start_agent", made=["th3"], conn=C1, assistant="support"), B]
+    server = Scripted(flaky_unless_settled(settled_fails=False))
+
+    best, _, stats = shrink_program(program, found(program), server, NEVER, clock=frozen,
+                                    reproduce=3, steady="settle")
+
+    assert keys(best) == keys([world(), A, B]) and stats["reproduced"] < 3
+    assert server.runs_of([world(), A, SETTLE, B]) == [None]  # one try: a steadier program fails at once
+
+
 def test_shrinker_records_its_figures_in_session_stats(monkeypatch: pytest.MonkeyPatch) -> None:
     """`shrink`, the live caller's entry, replays with `replay` and fills ``session.stats``."""
     program = [world(), A, step("start_agent", made=["th3"], conn=C1, assistant="support"), B]
@@ -406,9 +485,10 @@ def test_shrinker_records_its_figures_in_session_stats(monkeypatch: pytest.Monke
 
     monkeypatch.setattr(runner, "replay", scripted_replay)
 
-    best, violation = shrink(session, TenantMachine, program, found(program), NEVER)
+    best, violation, reproduced = shrink(session, TenantMachine, program, found(program), NEVER)
 
     assert keys(best) == keys([world(), A, B]) and violation.invariant == "isolation"
+    assert reproduced == runner.REPRODUCE_RUNS  # a failure of the program alone: no waiting step added
     assert list(session.stats) == ["steps", "found_steps", "shrink_s", "shrunk_steps"]
     assert session.stats["found_steps"] == 4 and session.stats["shrunk_steps"] == 3
     assert isinstance(session.stats["shrink_s"], float)
