@@ -120,7 +120,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("set", "change one [tool.partywall] key for this run, e.g. timing.response_ms=8000 "
            "(repeatable)", _ALL, kind="list", metavar="KEY=VALUE"),
     Option("profile", "the Hypothesis profile: smoke, dev, ci, nightly or one of your own",
-           ("run", "config"), key="profile", metavar="NAME"),
+           ("run", "replay", "config"), key="profile", metavar="NAME"),
     Option("seed", "the run's seed (default: the profile's, else random)", ("run", "bench", "replay", "config"),
            kind="int", metavar="N"),
     Option("server_url", "test a running server at ws://HOST:PORT/ws (crash checks cannot run)",

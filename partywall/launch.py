@@ -455,6 +455,7 @@ class Launch:
         self.t0 = time.monotonic()
         self.ready_spread_s: float | None = None
         self.written = False
+        self.merged: BenchReport | None = None
 
     def set_count(self, count: int) -> None:
         users = int(self.found["bench"]["users"])
@@ -550,7 +551,7 @@ class Launch:
 
     def finish(self) -> int:
         """Merge, write, print; the exit code (a missing shard: HarnessError, one line, exit 2)."""
-        merged = self.merged_report()
+        self.merged = merged = self.merged_report()
         written = self.write(merged)
         print(format_summary(merged))
         sharding = merged.extra["sharding"]
@@ -930,6 +931,11 @@ def run_sharded(found: configmod.Settings, *, verbose: bool = False) -> int:
     HarnessError (exit 2, one line) when the run could not be made or a shard
     is missing; the report then says why (and, once shards ran, holds them).
     """
+    return sharded(found, verbose=verbose)[0]
+
+
+def sharded(found: configmod.Settings, *, verbose: bool = False) -> tuple[int, BenchReport]:
+    """`run_sharded`'s exit code and the merged report (the pytest bench raises its violations)."""
     workers, address = found.get("workers"), found.get("dask")
     launch: Launch | None = None
     try:
@@ -941,7 +947,9 @@ def run_sharded(found: configmod.Settings, *, verbose: bool = False) -> int:
             launch = DaskLaunch(found, str(address), verbose=verbose)
         else:
             launch = ProcessLaunch(found, int(workers), verbose=verbose)
-        return launch.run()
+        status = launch.run()
+        assert launch.merged is not None
+        return status, launch.merged
     except HarnessError as exc:
         path = found.get("report")
         if path and (launch is None or not launch.written):

@@ -41,6 +41,16 @@ from partywall.session import Session, session_from_settings
 
 #: The profile of the 100-user benchmark; not one a project configures.
 BENCH_PROFILE = "bench"
+#: Each mode of a session: what it runs, and the pytest option that makes a session of it (none: the properties).
+MODE_JOBS = {"run": ("the properties", ""), "bench": ("the bench", f"--hypothesis-profile={BENCH_PROFILE}"),
+             "replay": ("a replay", "--partywall-replay FILE")}
+
+
+def _switch(to: str, now: str) -> str:
+    """What to change on the command line to turn a session of mode ``now`` into one of mode ``to``."""
+    parts = ([f"add {MODE_JOBS[to][1]}"] if MODE_JOBS[to][1] else []) + (
+        [f"leave out {MODE_JOBS[now][1]}"] if MODE_JOBS[now][1] else [])
+    return " and ".join(parts)
 
 
 @attrs.define(eq=False)
@@ -59,6 +69,8 @@ class Run:
     """Why the run could not be made or was cut short (exit 2); None when it ran."""
     on_example: Callable[[Session], None] | None = None
     """Called after each example (the CLI's progress line)."""
+    report_written: bool = False
+    """The JSON report is written already (a sharded bench's launcher writes its own, whatever happens)."""
 
     def fail(self, message: str) -> None:
         """Record that the run could not be made (the first reason wins)."""
@@ -170,6 +182,12 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.getoption("hypothesis_seed", None) is None:
         config.option.hypothesis_seed = str(seed)
     mode = "replay" if config.getoption("partywall_replay") else ("bench" if bench else "run")
+    for name in given:  # an option of another job would be read by nothing: say so, as the CLI does
+        modes = [m for m in MODE_JOBS if m in configmod.OPTION[name].commands]
+        if mode not in modes:
+            job = f"{MODE_JOBS[modes[0]][0]}, and this session runs {MODE_JOBS[mode][0]}: " \
+                  f"{_switch(modes[0], mode)} to run {MODE_JOBS[modes[0]][0]}" if modes else "other commands"
+            raise pytest.UsageError(f"{configmod.OPTION[name].pytest_flag} is an option of {job}.")
     config.stash[RUN_KEY] = Run(settings=found, profile=profile, seed=int(seed), mode=mode)
     config.addinivalue_line("markers", "partywall_replay: the replay runner; runs only with --partywall-replay")
     config.addinivalue_line("markers", "partywall_bench: the 100-user benchmark; runs under the bench profile")
@@ -256,6 +274,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         return
     path = run.settings.get("report")
     if not path:
+        return
+    if run.report_written:
         return
     if run.session is not None:
         if run.session.bench_report is None:  # the bench writes its own report

@@ -148,6 +148,49 @@ def test_workers_2_against_the_embedded_server_merge_into_one_synchronised_repor
     assert proc.stderr.count("\n") <= 2  # the children's progress stays theirs
 
 
+def _pytest_bench(*args: str, cwd: Path, timeout: float = 150) -> subprocess.CompletedProcess[str]:
+    """The bench through pytest, as a team runs it in its own test job."""
+    return subprocess.run([sys.executable, "-m", "pytest", "--pyargs", "partywall_props", "--hypothesis-profile=bench",
+                           "-p", "no:cacheprovider", "-q", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.timeout(180)
+def test_partywall_workers_under_pytest_runs_the_shards_and_fails_on_the_merged_gate(tmp_path: Path) -> None:
+    """``--partywall-workers 2``: the launcher's run, not one process; a merged threshold fails the test."""
+    out = tmp_path / "merged.json"
+    proc = _pytest_bench("--partywall-workers", "2", "--partywall-users", "10", "--partywall-report", str(out),
+                         cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = _report(out)
+    _check_whole(report, users=10, shards=2)
+    _check_synchronised(report, 2)
+    assert len({s["pid"] for s in report["sharding"]["shards"]}) == 2
+    assert "partywall bench: PASSED over 2 shards" in proc.stdout and "1 passed" in proc.stdout
+
+    failing = _pytest_bench("--partywall-workers", "2", "--partywall-users", "10", "--partywall-report", str(out),
+                            "--partywall-set", "bench.thresholds.agent_startup_p95_ms=1", cwd=tmp_path)
+    assert failing.returncode == 1, failing.stdout[-3000:] + failing.stderr[-3000:]
+    assert "[timing] agent_startup_p95_ms: actual" in failing.stdout and "exceeds limit 1" in failing.stdout
+    merged = _report(out)  # the launcher's merged report stays what the plugin leaves
+    assert merged["ok"] is False and merged["shards"] == 2 and merged["sharding"]["ran"] == ["1/2", "2/2"]
+    p95 = merged["latency_ms"]["agent_startup"]["p95"]
+    assert merged["violations"][0]["title"] == f"agent_startup_p95_ms: actual {round(p95, 1)} exceeds limit 1"
+
+
+def test_an_option_of_another_job_is_refused_under_pytest(tmp_path: Path) -> None:
+    """An option nothing in the session would read is a usage error naming how to run its job."""
+    bench_only = subprocess.run([sys.executable, "-m", "pytest", "--pyargs", "partywall_props", "-p", "no:cacheprovider",
+                                 "--partywall-workers", "2"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert bench_only.returncode == 4
+    assert ("--partywall-workers is an option of the bench, and this session runs the properties: add "
+            "--hypothesis-profile=bench to run the bench.") in bench_only.stderr
+    run_only = _pytest_bench("--partywall-profile", "ci", cwd=tmp_path, timeout=60)
+    assert run_only.returncode == 4
+    assert ("--partywall-profile is an option of the properties, and this session runs the bench: leave out "
+            "--hypothesis-profile=bench to run the properties.") in run_only.stderr
+
+
 @pytest.fixture(scope="module")
 def slow_server() -> Iterator[EmbeddedTarget]:
     """A reference server whose agents take 600 ms to start, so a shard is mid-run for a while."""
@@ -469,6 +512,17 @@ def test_dask_runs_one_shard_per_worker_of_a_real_cluster_and_merges_them(tmp_pa
     # The workers run on this machine: the server is sampled by its pid, where it runs.
     assert report["target"]["kind"] == "embedded"
     assert isinstance(report["server"]["pid"], int) and report["server"]["samples"] >= 2
+
+
+@pytest.mark.timeout(180)
+def test_partywall_dask_under_pytest_runs_a_shard_per_worker(tmp_path: Path, dask_cluster: str) -> None:
+    out = tmp_path / "merged.json"
+    proc = _pytest_bench("--partywall-dask", dask_cluster, "--partywall-users", "10", "--partywall-report", str(out),
+                         cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = _report(out)
+    _check_whole(report, users=10, shards=2)
+    assert report["sharding"]["mode"] == "dask"
 
 
 @pytest.mark.timeout(90)
