@@ -134,12 +134,14 @@ def shrink_program(program: list[dict[str, Any]], found: Violation, run: Replay,
     (and ``reproduced``, with ``reproduce``).
 
     In order: cut the steps after the one during which the violation was seen
-    (``found.evidence["step"]``, 1-based); drop every step of one rule at once,
+    (``found.evidence["step"]``, 1-based); keep only that step and the steps that
+    made what it names (`slice_of`); drop every step of one rule at once,
     rule by rule; remove halves, quarters... single steps; try the `SIMPLER`
     argument values. The opening `world` step is never removed. A candidate is
     kept only if ``run`` raises the same finding with it (`_same`: the invariant
     and the check), tried up to three
-    times (a failure against a live server may not reproduce every time), and
+    times (a failure against a live server may not reproduce every time; one
+    refused is not run again when another stage proposes it), and
     is kept as far as ``run`` got (its outcomes, written into each step's
     ``then``); a candidate ``run`` refuses with HarnessError is not a valid
     program. The cut always runs; after it, once ``clock`` reaches the budget
@@ -159,8 +161,15 @@ def shrink_program(program: list[dict[str, Any]], found: Violation, run: Replay,
     started = clock()
     best, best_v = list(program), found
 
+    refused: set[str] = set()
+
     def fails(candidate: list[dict[str, Any]], tries: int = 3) -> tuple[Violation, list[dict[str, Any]]] | None:
         """(the violation, the steps that ran) when the candidate breaks the same invariant."""
+        # A candidate refused once is not run again when another stage proposes it.
+        key = json.dumps([[step["rule"], step["args"], PINNED in step] for step in candidate], sort_keys=True,
+                         default=str)
+        if key in refused:
+            return None
         # Up to three tries: against a live server a failing program may pass by chance
         # (a race lost, random ids that happened to sort right); one lucky pass must not
         # undo a step. A candidate that fails at the first try costs one run.
@@ -168,10 +177,12 @@ def shrink_program(program: list[dict[str, Any]], found: Violation, run: Replay,
             try:
                 caught, outcomes = run(candidate)
             except HarnessError:
+                refused.add(key)
                 return None  # a step refers to something a removed step made: not a valid program
             if _same(caught, found):
                 break
         else:
+            refused.add(key)
             return None
         ran = candidate[: len(outcomes)]  # a replay stops at the step that broke it
         for step, outcome in zip(ran, outcomes, strict=True):
@@ -188,6 +199,15 @@ def shrink_program(program: list[dict[str, Any]], found: Violation, run: Replay,
             best_v, best = result
     # The opening `world` step makes what every later step refers to: it stays.
     first = 1 if best and best[0]["rule"] == "world" else 0
+    # Then the step that saw it with only the steps that made what it names: often the whole
+    # cause, found in one run instead of one run per step removed (each of which, when what
+    # broke is a missing reply, waits out the reply limit).
+    seen = seen_at if isinstance(seen_at, int) and first < seen_at <= len(best) else len(best)
+    if seen > first and clock() < deadline:
+        sliced = slice_of(best[:seen], first)
+        result = fails(sliced) if len(sliced) < len(best) else None
+        if result is not None:
+            best_v, best = result
 
     def smaller(best: list[dict[str, Any]], best_v: Violation) -> tuple[list[dict[str, Any]], Violation]:
         # Drop whole kinds of step at once (every ping, every bad frame, every crash...):
@@ -250,6 +270,28 @@ def shrink_program(program: list[dict[str, Any]], found: Violation, run: Replay,
     best = [{key: value for key, value in step.items() if key != PINNED} for step in best]
     stats.update({"shrink_s": round(clock() - started, 1), "shrunk_steps": len(best)})
     return best, best_v, stats
+
+
+def _names(value: Any) -> set[str]:
+    """The objects (connections, threads, tenants...) a recorded argument names."""
+    if isinstance(value, dict) and "ref" in value:
+        return {str(value["ref"])}
+    if isinstance(value, dict):
+        return {n for v in value.values() for n in _names(v)}
+    if isinstance(value, list):
+        return {n for v in value for n in _names(v)}
+    return set()
+
+
+def slice_of(program: list[dict[str, Any]], first: int) -> list[dict[str, Any]]:
+    """The program's first ``first`` steps, its last step, and, in order, every step that made
+    something the last step names, or names something a kept step needs (copies)."""
+    keep, needed = {len(program) - 1}, _names(program[-1]["args"])
+    for i in range(len(program) - 2, first - 1, -1):
+        if needed & set(program[i].get("made", ())):
+            keep.add(i)
+            needed |= _names(program[i]["args"])
+    return [dict(step) for i, step in enumerate(program) if i < first or i in keep]
 
 
 def _rate(session: Session) -> float | None:

@@ -201,8 +201,8 @@ def test_shrinker_refuses_a_candidate_that_fails_another_invariant() -> None:
 
     assert keys(best) == keys([world(), A, B])
     assert violation.invariant == "isolation"
-    # Proposed twice (as a dropped kind, then a dropped step), run three times each: refused.
-    assert server.runs_of([world(), B]) == ["protocol"] * 6
+    # Proposed three times (as B's slice, a dropped kind, a dropped step), run three times once: refused.
+    assert server.runs_of([world(), B]) == ["protocol"] * 3
 
 
 def test_shrinker_refuses_a_candidate_that_another_check_of_the_invariant_catches() -> None:
@@ -221,7 +221,7 @@ def test_shrinker_refuses_a_candidate_that_another_check_of_the_invariant_catche
 
     assert keys(best) == keys([world(), A, B])
     assert (violation.invariant, violation.check) == ("isolation", "scripted")
-    assert server.runs_of([world(), B]) == ["isolation"] * 6
+    assert server.runs_of([world(), B]) == ["isolation"] * 3
 
 
 def test_shrinker_retries_a_candidate_that_passed_once() -> None:
@@ -261,13 +261,14 @@ def test_shrinker_keeps_the_original_when_no_candidate_reproduces() -> None:
     assert stats["found_steps"] == stats["shrunk_steps"] == 4
     assert server.runs and set(server.answers) == {None}
     assert len(server.runs) % 3 == 0
-    for i in range(0, len(server.runs), 3):  # each candidate three times in a row
+    for i in range(0, len(server.runs), 3):  # each candidate three times in a row, and never again
         assert keys(server.runs[i]) == keys(server.runs[i + 1]) == keys(server.runs[i + 2])
-        assert i == 0 or keys(server.runs[i]) != keys(server.runs[i - 1])
+        assert all(keys(server.runs[i]) != keys(server.runs[j]) for j in range(i))
 
 
 def test_shrinker_stops_at_the_budget_with_the_best_so_far() -> None:
-    """Two replays fit the budget: the two most common kinds go, then the shrinker stops."""
+    """Five seconds of one-second replays: the leak's slice (three passing runs: it needs talk[1]),
+    every read at once (kept), every talk at once (three passing runs); then the shrinker stops."""
     read = [step("read_history", conn=C0, thread=t, limit=None) for t in range(6)]
     talk = [step("talk", conn=C0, i=i, plan=SHORT) for i in range(4)]
     settle = step("settle")
@@ -275,13 +276,15 @@ def test_shrinker_stops_at_the_budget_with_the_best_so_far() -> None:
     program = [world(), read[0], talk[0], read[1], settle, read[2], talk[1], read[3],
                talk[2], settle, read[4], talk[3], read[5], leak]
     clock = Clock()
-    server = Scripted(when_all(leak), clock)
+    server = Scripted(when_all(talk[1], leak), clock)
 
-    best, _, stats = shrink_program(program, found(program), server, 2.0, clock=clock)
+    best, _, stats = shrink_program(program, found(program), server, 5.0, clock=clock)
 
-    assert len(server.runs) == 2 and server.answers == ["isolation", "isolation"]
-    assert keys(best) == keys([world(), settle, settle, leak])  # the settle steps would go next
-    assert stats["shrink_s"] == 2.0  # the injected clock, not the wall's
+    assert server.answers == [None] * 3 + ["isolation"] + [None] * 3
+    assert keys(server.runs[0]) == keys([world(), leak])
+    # The settle steps and the other talks would go next.
+    assert keys(best) == keys([world(), talk[0], settle, talk[1], talk[2], settle, talk[3], leak])
+    assert stats["shrink_s"] == 7.0  # the injected clock, not the wall's; a candidate's tries run to their end
 
 
 def test_shrinker_drops_a_whole_kind_of_step_in_one_replay() -> None:
@@ -292,7 +295,9 @@ def test_shrinker_drops_a_whole_kind_of_step_in_one_replay() -> None:
 
     best, _, _ = shrink_program(program, found(program), server, NEVER, clock=frozen)
 
-    assert keys(server.runs[0]) == keys([world(), A, B]) and server.answers[0] == "isolation"
+    # First B's slice, which lacks A (three passing runs); then every read goes in one replay.
+    assert [keys(run) for run in server.runs[:3]] == [keys([world(), B])] * 3 and server.answers[:3] == [None] * 3
+    assert keys(server.runs[3]) == keys([world(), A, B]) and server.answers[3] == "isolation"
     assert keys(best) == keys([world(), A, B])
 
 
@@ -349,6 +354,22 @@ def test_shrinker_cuts_after_the_step_the_violation_was_seen_in() -> None:
     assert keys(best) == keys([world(), A, B])
 
 
+def test_shrinker_tries_the_failing_step_with_only_the_steps_that_made_what_it_names() -> None:
+    """The step that saw it reads on c3, whose connect came 12 steps earlier: one replay of those
+    two steps (and the world) replaces a removal per filler."""
+    connect = step("connect", made=["c3"], tenant=1, uid="alice", via="header")
+    read = step("read_history", conn=C3, thread=1, limit=None)
+    steps = fillers(p for p in range(1, 15) if p != 2) | {2: connect}
+    program = [world()] + [steps[p] for p in range(1, 15)] + [read]
+    server = Scripted(when_all(connect, read))
+
+    best, _, _ = shrink_program(program, found(program), server, NEVER, clock=frozen)
+
+    assert keys(server.runs[0]) == keys([world(), connect, read]) and server.answers[0] == "isolation"
+    assert keys(best) == keys([world(), connect, read])
+    assert len(server.runs) < 10  # one per filler removed would be 13 at least
+
+
 def test_shrinker_never_removes_the_opening_world_step() -> None:
     """Even when the failure does not need it (a restart that loses the server, no refs involved)."""
     crash = step("crash_and_restart")
@@ -373,7 +394,7 @@ def test_shrinker_treats_a_refused_replay_as_an_invalid_candidate() -> None:
     best, _, _ = shrink_program(program, found(program), server, NEVER, clock=frozen)
 
     assert keys(best) == keys([world(), connect, read])
-    assert server.runs_of([world(), read]) == ["refused", "refused"]  # removing the connect, twice
+    assert server.runs_of([world(), read]) == ["refused"]  # removing the connect: proposed twice, run once
     refused = [i for i, a in enumerate(server.answers) if a == "refused"]
     for i in refused:  # and never run again straight away
         assert i + 1 == len(server.runs) or keys(server.runs[i + 1]) != keys(server.runs[i])
