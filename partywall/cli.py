@@ -277,6 +277,9 @@ def cmd_replay(ns: argparse.Namespace) -> int:
         raise HarnessError(f"{path} is not a partywall replay file (format {got!r}).")
     if not isinstance(data.get("program"), list):
         raise HarnessError(f"{path} has no step program; it is damaged.")
+    before = data.get("before", [])
+    if not isinstance(before, list) or not all(isinstance(program, list) for program in before):
+        raise HarnessError(f"{path}: 'before' must be a list of step programs; it is damaged.")
     given = _given(ns)
     if data.get("seed") is not None:
         given.setdefault("seed", int(data["seed"]))

@@ -82,6 +82,8 @@ class Session:
     last_program: dict[str, Any] | None = None
     """The step program of the example that ran last (after a failure: the shrunk one)."""
     failures: list[dict[str, Any]] = attrs.field(factory=list)
+    example_programs: dict[str, list[dict[str, Any]]] = attrs.field(factory=dict)
+    """Each generated example's program by its tenant prefix: what ran before a leak that spans examples."""
     bench_report: dict[str, Any] | None = None
     """The bench's own report, once the bench has run; the plugin then leaves the report file to it."""
     on_example: Callable[[Session], None] | None = None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,14 +43,26 @@ def run_property(session: Session, machine: type[TenantMachine] = TenantMachine)
         # Examples generated until the failure (the replays of shrinking count as examples too).
         session.stats["found_at_example"] = session.stats.get("examples", 0)
         budget = float(session.config.get("shrink_seconds", 40))
-        program, violation, k = shrink(session, machine, failure["program"], found, budget)
-        failure = {**failure, "program": program, "violation": violation.to_json()}
-        path = write_replay(session, failure, f"{k}/{REPRODUCE_RUNS}")
+        # A leak of an earlier example's data: that example's program runs first in every
+        # candidate and re-run, so what the server kept of it is there again.
+        before = earlier_programs(session, found)
+        program, violation, k = shrink(session, machine, failure["program"], found, budget, before=before)
+        # What the shrunk program's leak came from may be another example (a candidate or re-run
+        # of the shrinker that ran just before it): the replay file runs that one first.
+        leaked_from = earlier_programs(session, violation)
+        if leaked_from and leaked_from != before:
+            before = leaked_from  # the re-runs, as the replay file will run it
+            k = sum(1 for _ in range(REPRODUCE_RUNS)
+                    if _same(replay(session, machine, program, before=before)[0], found))
         earlier = earlier_example(violation.evidence) or earlier_example(found.evidence)
+        failure = {**failure, "program": program, "violation": violation.to_json(), "before": before}
+        path = write_replay(session, failure, f"{k}/{REPRODUCE_RUNS}")
         detail = (f"Shrunk from {session.stats.get('found_steps')} to {len(program)} steps "
                   f"in {session.stats.get('shrink_s')} s; reproduced {k}/{REPRODUCE_RUNS} on re-runs.\n"
                   + (f"What leaked is of tenant {earlier!r}, of an earlier example, which the server still "
-                     "held when this one ran: this example's program alone may not bring it back.\n"
+                     + (f"held when this one ran: the replay runs that example's program ({len(before[0])} steps) "
+                        "first.\n" if before else
+                        "held when this one ran: this example's program alone may not bring it back.\n")
                      if earlier else "")
                   + f"Replay: partywall replay {path}\n{format_program(program)}")
         session.report(violation, f"{k}/{REPRODUCE_RUNS}", str(path), detail)
@@ -79,6 +91,20 @@ def earlier_example(evidence: dict[str, Any]) -> str | None:
     return str(evidence["owner_tenant"])
 
 
+def earlier_programs(session: Session, violation: Violation) -> list[list[dict[str, Any]]]:
+    """The program of the earlier example whose data the violation found leaked, as a list of
+    programs to run first (empty when the leak is within one example, or its program is unknown)."""
+    earlier = earlier_example(violation.evidence)
+    program = session.example_programs.get(prefix_of(earlier)) if earlier else None
+    return [program] if program else []
+
+
+def prefix_of(tenant: str) -> str:
+    """The example's tenant prefix (`Session.next_prefix`) of a tenant id the session made."""
+    found = _EXAMPLE_TENANT.match(tenant)
+    return found.group(0) if found else ""
+
+
 def _same(caught: Violation | None, found: Violation) -> bool:
     """The same finding: the same invariant and, where it is known, the same check, so that
     shrinking and re-runs cannot slide onto another bug under the same invariant."""
@@ -105,7 +131,7 @@ Replay = Callable[[list[dict[str, Any]]], tuple[Violation | None, list[str]]]
 
 
 def shrink(session: Session, machine: type[TenantMachine], program: list[dict[str, Any]], found: Violation,
-           budget_s: float) -> tuple[list[dict[str, Any]], Violation, int]:
+           budget_s: float, before: Sequence[list[dict[str, Any]]] = ()) -> tuple[list[dict[str, Any]], Violation, int]:
     """Shrink a failing program by replaying candidates against the server, within a time budget;
     (the program, its violation, how many of `REPRODUCE_RUNS` re-runs of it failed the same way).
 
@@ -116,10 +142,12 @@ def shrink(session: Session, machine: type[TenantMachine], program: list[dict[st
     it fails with the *same invariant* (so shrinking cannot slide onto
     another bug), and stops when the budget is spent, keeping the best so far.
     The work is `shrink_program`'s; this runs its candidates with `replay`
-    and records the steps found and kept and the seconds taken in ``session.stats``.
+    (each after the programs ``before``, unchanged) and records the steps
+    found and kept and the seconds taken in ``session.stats``.
     """
     session.stats["found_steps"] = len(program)
-    best, best_v, stats = shrink_program(program, found, lambda candidate: replay(session, machine, candidate),
+    best, best_v, stats = shrink_program(program, found, lambda candidate: replay(session, machine, candidate,
+                                                                                  before=before),
                                          budget_s, reproduce=REPRODUCE_RUNS,
                                          steady=STEADY if hasattr(machine, STEADY) else None)
     reproduced = stats.pop("reproduced")
@@ -135,7 +163,8 @@ def shrink_program(program: list[dict[str, Any]], found: Violation, run: Replay,
 
     In order: cut the steps after the one during which the violation was seen
     (``found.evidence["step"]``, 1-based); keep only that step and the steps that
-    made what it names (`slice_of`); drop every step of one rule at once,
+    made what it names (`slice_of`), if that fails in each of three runs; drop
+    every step of one rule at once,
     rule by rule; remove halves, quarters... single steps; try the `SIMPLER`
     argument values. The opening `world` step is never removed. A candidate is
     kept only if ``run`` raises the same finding with it (`_same`: the invariant
@@ -163,8 +192,10 @@ def shrink_program(program: list[dict[str, Any]], found: Violation, run: Replay,
 
     refused: set[str] = set()
 
-    def fails(candidate: list[dict[str, Any]], tries: int = 3) -> tuple[Violation, list[dict[str, Any]]] | None:
-        """(the violation, the steps that ran) when the candidate breaks the same invariant."""
+    def fails(candidate: list[dict[str, Any]], tries: int = 3,
+              every_time: bool = False) -> tuple[Violation, list[dict[str, Any]]] | None:
+        """(the violation, the steps that ran) when the candidate breaks the same invariant (with
+        ``every_time``: in each of the ``tries`` runs)."""
         # A candidate refused once is not run again when another stage proposes it.
         key = json.dumps([[step["rule"], step["args"], PINNED in step] for step in candidate], sort_keys=True,
                          default=str)
@@ -179,11 +210,15 @@ def shrink_program(program: list[dict[str, Any]], found: Violation, run: Replay,
             except HarnessError:
                 refused.add(key)
                 return None  # a step refers to something a removed step made: not a valid program
-            if _same(caught, found):
+            if every_time and not _same(caught, found):
+                refused.add(key)
+                return None
+            if _same(caught, found) and not every_time:
                 break
         else:
-            refused.add(key)
-            return None
+            if not every_time:
+                refused.add(key)
+                return None
         ran = candidate[: len(outcomes)]  # a replay stops at the step that broke it
         for step, outcome in zip(ran, outcomes, strict=True):
             step["then"] = outcome  # what each step did in the run that is kept
@@ -200,12 +235,14 @@ def shrink_program(program: list[dict[str, Any]], found: Violation, run: Replay,
     # The opening `world` step makes what every later step refers to: it stays.
     first = 1 if best and best[0]["rule"] == "world" else 0
     # Then the step that saw it with only the steps that made what it names: often the whole
-    # cause, found in one run instead of one run per step removed (each of which, when what
-    # broke is a missing reply, waits out the reply limit).
+    # cause, found in a few runs instead of one run per step removed (each of which, when what
+    # broke is a missing reply, waits out the reply limit). So big a jump is taken only if it
+    # fails every time: a slice that fails now and then would trade a program that fails for
+    # what it does for one that fails for how fast the server was.
     seen = seen_at if isinstance(seen_at, int) and first < seen_at <= len(best) else len(best)
     if seen > first and clock() < deadline:
         sliced = slice_of(best[:seen], first)
-        result = fails(sliced) if len(sliced) < len(best) else None
+        result = fails(sliced, every_time=True) if len(sliced) < len(best) else None
         if result is not None:
             best_v, best = result
 
@@ -336,8 +373,22 @@ def decode_arg(value: Any, refs: dict[str, Any]) -> Any:
 
 
 def replay(session: Session, machine_cls: type[TenantMachine], program: list[dict[str, Any]],
-           show: Any = None) -> tuple[Violation | None, list[str]]:
-    """Run a recorded program step by step; return the violation it raises (or None) and each step's outcome."""
+           show: Any = None, before: Sequence[list[dict[str, Any]]] = ()) -> tuple[Violation | None, list[str]]:
+    """Run a recorded program step by step; return the violation it raises (or None) and each step's outcome.
+
+    The programs ``before`` run first, each as an example of its own, as the
+    examples before a leak that spans examples did; what they raise is not
+    this program's finding (``show``, when given, is told of it as step 0)."""
+    for earlier in before:
+        caught, _ = _replay_one(session, machine_cls, earlier, None)
+        if show is not None:
+            show(0, {"rule": "(the earlier example)", "then": f"{len(earlier)} steps"},
+                 f"ran; {'[' + caught.invariant + '] ' + caught.title if caught else 'no violation'}")
+    return _replay_one(session, machine_cls, program, show)
+
+
+def _replay_one(session: Session, machine_cls: type[TenantMachine], program: list[dict[str, Any]],
+                show: Any) -> tuple[Violation | None, list[str]]:
     m = machine_cls(session)
     outcomes: list[str] = []
     caught: Violation | None = None
@@ -385,6 +436,7 @@ def write_replay(session: Session, failure: dict[str, Any], reproduced: str) -> 
         "violation": v,
         "reproduced": reproduced,
         "program": failure["program"],
+        "before": failure.get("before", []),
         "replay": f"partywall replay {path}",
     }, indent=2, ensure_ascii=True, default=str) + "\n")
     return path

@@ -35,10 +35,14 @@ def test_replay(partywall_session: Session, request: pytest.FixtureRequest, caps
             print(f"   then: {step.get('then')}")
             print(f"   now:  {now}")
 
+    before = data.get("before") or []
     with capsys.disabled():
         print(f"\nreplaying {path}: {len(program)} steps; recorded violation: [{was.get('invariant')}] {was.get('title')}")
+        if before:
+            print(f"first the program of the earlier example whose data leaked ({len(before[0])} steps), "
+                  "as it ran before this one")
         print(format_program(program))
-    caught, _ = replay(partywall_session, TenantMachine, program, show)
+    caught, _ = replay(partywall_session, TenantMachine, program, show, before=before)
     with capsys.disabled():
         print(f"now: {'[' + caught.invariant + '] ' + caught.title if caught else 'no violation'}")
     if caught is not None:

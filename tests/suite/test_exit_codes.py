@@ -126,6 +126,7 @@ def test_replay_passes_against_a_clean_server(tmp_path: Path, finding: Path) -> 
         (lambda text: text[: len(text) // 2], "cannot read replay file"),
         (lambda text: json.dumps({**json.loads(text), "format": "something-else/9"}), "is not a partywall replay file"),
         (lambda text: json.dumps({**json.loads(text), "program": "world"}), "has no step program"),
+        (lambda text: json.dumps({**json.loads(text), "before": ["world"]}), "'before' must be a list of step programs"),
         (lambda text: json.dumps({**json.loads(text), "program": [{"rule": "no_such_rule", "args": {}}]}),
          "no_such_rule"),
     ],
