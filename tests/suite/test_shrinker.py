@@ -611,3 +611,17 @@ def test_a_leak_from_an_earlier_example_is_named(owner: str, here: str, earlier:
     found = runner.earlier_example({"owner_tenant": owner, "tenant": here})
     assert found == (owner if earlier else None)
     assert runner.earlier_example({"tenant": here}) is None
+
+
+def test_the_program_run_first_is_the_one_of_the_example_whose_data_leaked() -> None:
+    """`earlier_programs` finds it by the leaked data's tenant prefix, among every example that ran."""
+    five, six = [world(), A], [world(), B]
+    session = cast(Session, SimpleNamespace(example_programs={"pw3ecac3e5-": five, "pw3ecac3e6-": six}))
+
+    def leak(owner: str) -> Violation:
+        return Violation("isolation", "leak", {"owner_tenant": owner, "tenant": "pw3ecac3e7-acme"})
+
+    assert runner.earlier_programs(session, leak("pw3ecac3e5-globex")) == [five]
+    assert runner.earlier_programs(session, leak("pw3ecac3e6-acme")) == [six]
+    assert runner.earlier_programs(session, leak("pw3ecac3e7-globex")) == []  # within one example
+    assert runner.earlier_programs(session, leak("pw3ecac3e4-acme")) == []  # a program not kept
