@@ -377,14 +377,19 @@ def replay(session: Session, machine_cls: type[TenantMachine], program: list[dic
     """Run a recorded program step by step; return the violation it raises (or None) and each step's outcome.
 
     The programs ``before`` run first, each as an example of its own, as the
-    examples before a leak that spans examples did; what they raise is not
-    this program's finding (``show``, when given, is told of it as step 0)."""
+    examples before a leak that spans examples did. While shrinking (no
+    ``show``) what they raise is not this program's finding; shown step by
+    step (``partywall replay``), it is told as step 0, and returned when the
+    program itself raises nothing: the server broke an invariant all the same."""
+    earlier_caught: Violation | None = None
     for earlier in before:
         caught, _ = _replay_one(session, machine_cls, earlier, None)
+        earlier_caught = earlier_caught or caught
         if show is not None:
             show(0, {"rule": "(the earlier example)", "then": f"{len(earlier)} steps"},
                  f"ran; {'[' + caught.invariant + '] ' + caught.title if caught else 'no violation'}")
-    return _replay_one(session, machine_cls, program, show)
+    caught, outcomes = _replay_one(session, machine_cls, program, show)
+    return (caught or (earlier_caught if show is not None else None)), outcomes
 
 
 def _replay_one(session: Session, machine_cls: type[TenantMachine], program: list[dict[str, Any]],

@@ -38,10 +38,10 @@ def test_replay(partywall_session: Session, request: pytest.FixtureRequest, caps
     before = data.get("before") or []
     with capsys.disabled():
         print(f"\nreplaying {path}: {len(program)} steps; recorded violation: [{was.get('invariant')}] {was.get('title')}")
-        if before:
-            print(f"first the program of the earlier example whose data leaked ({len(before[0])} steps), "
-                  "as it ran before this one")
         print(format_program(program))
+        if before:
+            print(f"before it, as step 0: the program of the earlier example whose data leaked "
+                  f"({len(before[0])} steps, the file's 'before'), as it ran then")
     caught, _ = replay(partywall_session, TenantMachine, program, show, before=before)
     with capsys.disabled():
         print(f"now: {'[' + caught.invariant + '] ' + caught.title if caught else 'no violation'}")

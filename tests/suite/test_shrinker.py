@@ -580,6 +580,23 @@ def test_replay_runs_the_earlier_example_first_as_an_example_of_its_own() -> Non
                             ("e1", "world"), ("e1", "talk"), ("e1", "teardown")]
 
 
+def test_a_violation_of_the_earlier_example_counts_only_when_the_replay_is_shown() -> None:
+    """Shrinking ignores it (it is not the candidate's); `partywall replay` reports it: exit 1."""
+
+    class Leaky(Recorder):
+        def teardown(self) -> None:
+            super().teardown()
+            if self.prefix == "e0":
+                raise Violation("isolation", "leaked in the earlier example", {})
+
+    session = cast(Session, SimpleNamespace())
+    for show, expected in ((None, None), (lambda *a: None, "leaked in the earlier example")):
+        Recorder.ran = []
+        caught, outcomes = runner.replay(session, cast(type[TenantMachine], Leaky), [step("world")], show,
+                                         before=[[step("world")]])
+        assert (caught.title if caught else None) == expected and outcomes == ["ran world"]
+
+
 def test_shrink_runs_every_candidate_after_the_earlier_example(monkeypatch: pytest.MonkeyPatch) -> None:
     program = [world(), A, step("start_agent", made=["th3"], conn=C1, assistant="support"), B]
     server = Scripted(when_all(A, B))
