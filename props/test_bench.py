@@ -10,7 +10,8 @@ naming actual and limit) or any invariant. ``partywall bench`` runs the same
 Sharding: ``--partywall-shard K/N`` runs the users with index % N == K-1.
 ``--partywall-workers N`` and ``--partywall-dask ADDRESS`` run every shard,
 as ``partywall bench`` does with them (`partywall.launch`): one server, the
-shards started at one instant, one merged report. Under pytest-xdist (``-n N``; the bench profile makes xdist hand this test to
+shards started at one instant, one merged report. Under pytest-xdist
+(``-n N``; the bench profile makes xdist hand this test to
 every worker, see ``props/conftest.py``) worker ``gwK`` runs shard K of N by
 itself and writes ``REPORT.gwK.json`` beside the ``--partywall-report``
 path, ready for ``partywall merge``. Give the workers one
