@@ -184,10 +184,14 @@ def pytest_configure(config: pytest.Config) -> None:
     mode = "replay" if config.getoption("partywall_replay") else ("bench" if bench else "run")
     for name in given:  # an option of another job would be read by nothing: say so, as the CLI does
         modes = [m for m in MODE_JOBS if m in configmod.OPTION[name].commands]
-        if mode not in modes:
-            job = f"{MODE_JOBS[modes[0]][0]}, and this session runs {MODE_JOBS[mode][0]}: " \
-                  f"{_switch(modes[0], mode)} to run {MODE_JOBS[modes[0]][0]}" if modes else "other commands"
-            raise pytest.UsageError(f"{configmod.OPTION[name].pytest_flag} is an option of {job}.")
+        if mode in modes:
+            continue
+        flag = configmod.OPTION[name].pytest_flag
+        if not modes:
+            raise pytest.UsageError(f"{flag} is an option of other commands than pytest's.")
+        job = MODE_JOBS[modes[0]][0]
+        raise pytest.UsageError(f"{flag} is an option of {job}, and this session runs {MODE_JOBS[mode][0]}: "
+                                f"{_switch(modes[0], mode)} to run {job}.")
     config.stash[RUN_KEY] = Run(settings=found, profile=profile, seed=int(seed), mode=mode)
     config.addinivalue_line("markers", "partywall_replay: the replay runner; runs only with --partywall-replay")
     config.addinivalue_line("markers", "partywall_bench: the 100-user benchmark; runs under the bench profile")

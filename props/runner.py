@@ -210,15 +210,11 @@ def shrink_program(program: list[dict[str, Any]], found: Violation, run: Replay,
             except HarnessError:
                 refused.add(key)
                 return None  # a step refers to something a removed step made: not a valid program
-            if every_time and not _same(caught, found):
-                refused.add(key)
-                return None
-            if _same(caught, found) and not every_time:
-                break
-        else:
-            if not every_time:
-                refused.add(key)
-                return None
+            if _same(caught, found) != every_time:
+                break  # decided: one failure is enough, or (``every_time``) one pass is one too many
+        if not _same(caught, found):
+            refused.add(key)
+            return None
         ran = candidate[: len(outcomes)]  # a replay stops at the step that broke it
         for step, outcome in zip(ran, outcomes, strict=True):
             step["then"] = outcome  # what each step did in the run that is kept

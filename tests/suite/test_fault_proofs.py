@@ -145,7 +145,7 @@ PROOFS: dict[str, Proof] = {
     "limit_keeps_oldest": Proof("durability", "history_keeps_commits", "fast", deterministic=False),
     # A list raced by the replies it counts can come first; after a settle each tenant lists its
     # threads with every turn committed, and the shrinker puts a settle before a list that saw it
-    # only sometimes (ci/bench_faults.py: 3-step programs, 3/3 re-runs under every seed).
+    # only sometimes (ci/bench_faults.py: 3- and 4-step programs, 3/3 re-runs under two seeds, 2/3 under one).
     "count_user_messages_only": Proof("durability", "threads_kept", "fast", deterministic=False),
     # A count over the assistant's threads: one thread's message_count takes in its siblings'.
     "count_per_assistant": Proof("durability", "threads_kept", "fast", deterministic=False,
@@ -233,7 +233,7 @@ PROOFS: dict[str, Proof] = {
     "slot_reuse": Proof("routing", "fanout_to_members", "fast", deterministic=False,
                         also=("isolation/no_foreign_data",),
                         bench_only="a slot left by an earlier example's connection leaks that example's threads: "
-                                   "in one CI run the shrunk program was the opening alone (bench: 1, 14 and 4 "
+                                   "in one CI run the shrunk program was the opening alone (bench: 1, 4 and 4 "
                                    "steps); its check is proven in .ci/run by sticky_subscription"),
     "request_id_limit_in_bytes": Proof("protocol", "right_outcome", "fast", bench_only=proven_by("bool_is_int_limit"),
                                        in_opening="the opening's c3 sends ids of 64 characters, two- and three-byte "
