@@ -71,6 +71,7 @@ import shutil
 import signal
 import subprocess
 import threading
+import time
 import tomllib
 import zlib
 from collections.abc import Callable, Iterable, Mapping
@@ -109,6 +110,8 @@ INSTEAD: dict[str, str] = {
     "missing_sub": "missing",
     "blank_sub": "tampered",
     "long_tid": "missing",
+    "numeric_sub": "missing",
+    "empty_tid": "missing",
 }
 assert set(INSTEAD) == set(NEEDS_SECRET)
 
@@ -182,6 +185,14 @@ class Credentials:
         number), or None without the server's secret."""
         return None if self.secret is None else tokens.mint_until(self.secret, tenant, user, exp)
 
+    def with_other_claims(self, tenant: str, user: str) -> str | None:
+        """A valid token for ``user`` of ``tenant`` that also carries claims the server must ignore
+        (`tokens.other_claims`), or None without the server's secret."""
+        if self.secret is None:
+            return None
+        now = time.time()
+        return tokens.mint_until(self.secret, tenant, user, now + 3600, tokens.other_claims(now))
+
     def not_run(self) -> list[tuple[str, str]]:
         """(check, reason) of each refused-credential check these credentials cannot make."""
         if self.can_mint_bad:
@@ -193,7 +204,10 @@ class Credentials:
                 for kind in NEEDS_SECRET] + [
                 ("valid_token:expires_within_a_second",
                  f"a token that expires within the second must be minted with the server's secret, which this "
-                 f"run does not have (credentials come from {self.source()})")]
+                 f"run does not have (credentials come from {self.source()})"),
+                ("valid_token:other_claims",
+                 f"a valid token carrying claims the server must ignore (aud, iss, nbf, iat) must be minted with "
+                 f"the server's secret, which this run does not have (credentials come from {self.source()})")]
 
     def source(self) -> str:
         """Where valid credentials come from, for messages (never a credential or a secret)."""

@@ -648,6 +648,15 @@ class Driver:
     async def pause(self, seconds: float) -> None:
         await trio.sleep(seconds)
 
+    async def until(self, ready: Callable[[], bool], deadline: float) -> None:
+        """Wait until ``ready()`` holds, asked each time after every frame that came has been
+        recorded and checked, or the monotonic clock reaches ``deadline``."""
+        while True:
+            self._flush()
+            if ready() or time.monotonic() >= deadline:
+                return
+            await trio.sleep(0.005)
+
     async def _watchdog(self) -> None:
         """Flag requests on open connections that outlive the reply limit (once each)."""
         while True:

@@ -26,6 +26,8 @@ BAD_TOKEN_KINDS = (
     "missing_sub",
     "blank_sub",  # whitespace inside the user id
     "long_tid",  # 65 code points
+    "numeric_sub",  # the user id as a JSON number, as an identity provider's user table keeps it
+    "empty_tid",  # the tenant id an empty string: present, and no id
     "garbage",  # not a JWT at all
 )
 
@@ -35,9 +37,19 @@ def mint(secret: str, tenant: str, user: str, ttl: float = 3600.0) -> str:
     return mint_until(secret, tenant, user, time.time() + ttl)
 
 
-def mint_until(secret: str, tenant: str, user: str, exp: float) -> str:
-    """A valid token for ``user`` of ``tenant`` that expires at ``exp`` (Unix seconds)."""
-    return jwt.encode({"tid": tenant, "sub": user, "exp": exp}, secret, algorithm="HS256")
+def mint_until(secret: str, tenant: str, user: str, exp: float, other: dict[str, Any] | None = None) -> str:
+    """A valid token for ``user`` of ``tenant`` that expires at ``exp`` (Unix seconds), carrying
+    the ``other`` claims too."""
+    return jwt.encode({**(other or {}), "tid": tenant, "sub": user, "exp": exp}, secret, algorithm="HS256")
+
+
+def other_claims(now: float) -> dict[str, Any]:
+    """Claims an identity provider adds that PROTOCOL.md says a server ignores ("other claims are
+    ignored"): an audience and an issuer, not-before and issued-at an hour ahead, an id, a scope.
+    A server that decodes with a JWT library's default checks refuses a token carrying them
+    (PyJWT: an audience nobody expects, a token not yet valid)."""
+    return {"aud": "partywall-suite", "iss": "https://idp.invalid/", "nbf": now + 3600, "iat": now + 3600,
+            "jti": "pw-other-claims", "scope": "chat"}
 
 
 def _unsigned(claims: dict[str, Any]) -> str:
@@ -74,6 +86,10 @@ def mint_bad(kind: str, secret: str, tenant: str, user: str) -> str:
         return jwt.encode({**good, "sub": user[:30] + " x"}, secret, algorithm="HS256")
     if kind == "long_tid":
         return jwt.encode({**good, "tid": (tenant * 65)[:65]}, secret, algorithm="HS256")
+    if kind == "numeric_sub":
+        return jwt.encode({**good, "sub": 1234567}, secret, algorithm="HS256")
+    if kind == "empty_tid":
+        return jwt.encode({**good, "tid": ""}, secret, algorithm="HS256")
     if kind == "garbage":
         return "not-a-jwt"
     raise ValueError(f"unknown bad-token kind {kind!r} (known: {', '.join(BAD_TOKEN_KINDS)})")

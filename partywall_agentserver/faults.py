@@ -260,6 +260,43 @@ def exp_optional(components: Components) -> Components:
     return attrs.evolve(components, authenticator=ExpOptionalAuthenticator)
 
 
+class ClaimsCoercedAuthenticator(Authenticator):
+    """Reads `tid` and `sub` with ``str()`` ("user ids come from the identity provider's table,
+    which numbers them"): a user id sent as the number 1234567 is accepted as the string
+    "1234567", though an id is a string and a claim that is not one is invalid."""
+
+    @staticmethod
+    def check_claims(claims: dict[str, Any], now: float) -> Principal | None:
+        coerced = {key: str(value) if key in ("tid", "sub") and isinstance(value, (int, float)) else value
+                   for key, value in claims.items()}
+        return Authenticator.check_claims(coerced, now)
+
+
+def claims_coerced(components: Components) -> Components:
+    return attrs.evolve(components, authenticator=ClaimsCoercedAuthenticator)
+
+
+class OtherClaimsCheckedAuthenticator(Authenticator):
+    """Also checks the registered claims a JWT library checks by default (PyJWT's ``jwt.decode``
+    with no options): a token naming an audience the server does not expect, or whose `nbf` or
+    `iat` is still to come, is refused. Tokens from an identity provider carry all three; the
+    protocol says other claims are ignored."""
+
+    @staticmethod
+    def check_claims(claims: dict[str, Any], now: float) -> Principal | None:
+        if claims.get("aud"):
+            return None  # "Invalid audience": none was configured
+        for name in ("nbf", "iat"):
+            value = claims.get(name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value > now:
+                return None  # "The token is not yet valid"
+        return Authenticator.check_claims(claims, now)
+
+
+def other_claims_checked(components: Components) -> Components:
+    return attrs.evolve(components, authenticator=OtherClaimsCheckedAuthenticator)
+
+
 class QuerySkipsExpAuthenticator(Authenticator):
     """Checks a token from `?token=` without its expiry ("query tokens come from short-lived
     links"), where a header's is checked in full: an expired token opens through the query."""
@@ -407,6 +444,76 @@ class EchoToRequesterScheduler(TurnScheduler):
 
 def echo_to_requester(components: Components) -> Components:
     return attrs.evolve(components, scheduler=EchoToRequesterScheduler)
+
+
+class StreamStopsUnheardScheduler(TurnScheduler):
+    """Stops sending a turn once its requester's connection is gone ("nobody is listening"): the
+    agent still runs and the reply is stored, but the thread's watchers get no more of the turn."""
+
+    def _send_chunk(self, conn: Connection, others: list[Subscription], frame: dict[str, Any]) -> None:
+        if not conn.closed:
+            super()._send_chunk(conn, others, frame)
+
+    def _deliver_response(
+        self, conn: Connection, others: list[Subscription], reply: MessageRecord, re: str, waited: bool
+    ) -> None:
+        if not conn.closed:
+            super()._deliver_response(conn, others, reply, re, waited)
+
+
+def stream_stops_unheard(components: Components) -> Components:
+    return attrs.evolve(components, scheduler=StreamStopsUnheardScheduler)
+
+
+class RejoinUnsubscribedHub(Hub):
+    """Subscribes a connection to a thread's fan-out at its first join only ("it is already on the
+    list"), while leaving takes it off: a connection that leaves and joins again may post to the
+    thread, but never receives another turn of it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._ever: dict[Connection, set[str]] = {}
+
+    def join(self, conn: Connection, thread_id: str) -> None:
+        ever = self._ever.setdefault(conn, set())
+        if thread_id in ever:
+            self._joined.setdefault(conn, set()).add(thread_id)
+            return
+        ever.add(thread_id)
+        super().join(conn, thread_id)
+
+    def drop(self, conn: Connection) -> None:
+        self._ever.pop(conn, None)
+        super().drop(conn)
+
+
+def rejoin_unsubscribed(components: Components) -> Components:
+    return attrs.evolve(components, hub=RejoinUnsubscribedHub)
+
+
+class FanoutSkipsOwnUserScheduler(TurnScheduler):
+    """Leaves the requester's user out of the fan-out ("her other device already shows what she
+    typed"): a second device of the same user, joined to the thread, never sees the turn."""
+
+    def _watchers(self, conn: Connection, thread_id: str) -> list[Subscription]:
+        return [s for s in super()._watchers(conn, thread_id) if (s[0].tenant, s[0].user) != (conn.tenant, conn.user)]
+
+
+def fanout_skips_own_user(components: Components) -> Components:
+    return attrs.evolve(components, scheduler=FanoutSkipsOwnUserScheduler)
+
+
+class WatchersMissChunksScheduler(TurnScheduler):
+    """Streams chunks to the requester only ("watchers only need the finished reply; streaming to
+    every tab costs bandwidth"): the watchers get the thread_message and the agent_response, and
+    none of the chunks between them."""
+
+    def _send_chunk(self, conn: Connection, others: list[Subscription], frame: dict[str, Any]) -> None:
+        conn.send(encode(frame))
+
+
+def watchers_miss_chunks(components: Components) -> Components:
+    return attrs.evolve(components, scheduler=WatchersMissChunksScheduler)
 
 
 class LeaveStopsOwnTurnScheduler(TurnScheduler):
@@ -1337,6 +1444,12 @@ FAULTS: Final[dict[str, Modifier]] = {
     "claims_any_string": claims_any_string,
     "assistant_name_trimmed": assistant_name_trimmed,
     "name_limit_in_bytes": name_limit_in_bytes,
+    "rejoin_unsubscribed": rejoin_unsubscribed,
+    "fanout_skips_own_user": fanout_skips_own_user,
+    "watchers_miss_chunks": watchers_miss_chunks,
+    "other_claims_checked": other_claims_checked,
+    "claims_coerced": claims_coerced,
+    "stream_stops_unheard": stream_stops_unheard,
 }
 
 

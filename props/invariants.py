@@ -26,7 +26,7 @@ register = INVARIANTS.register
 
 INVARIANTS.describe("isolation", "nothing of another tenant (or user, where threads are private) reaches a connection, "
                                  "foreign ids answer like nonexistent ones, and ids do not count")
-INVARIANTS.describe("routing", "fan-out goes only where the service's rule sends it, and a reply only to the connection that asked")
+INVARIANTS.describe("routing", "fan-out goes where the service's rule sends it, all of it and only there, and a reply only to the connection that asked")
 INVARIANTS.describe("durability", "acked messages and sent replies are in history, unchanged, after disconnects and crashes")
 INVARIANTS.describe("exactly-once", "each acked message gets one complete reply: no chunk missing, repeated or skipped; "
                                     "watchers get the same turn")
@@ -209,6 +209,33 @@ def fanout_to_members(model: Model, ev: Event, frame: Frame | None) -> Iterator[
 
 
 @register("routing")
+def fanout_reaches_members(model: Model, ev: Event, frame: Frame | None) -> Iterator[Violation]:
+    """Every connection the service's rule sends a thread's fan-out to (v1: joined before the turn began, without a break since) gets each turn's thread_message and agent_response, within timing.fanout_lag_ms of the requester's own reply."""
+    # Model.owed_copies says which copies are owed; the machine waits for them when it settles
+    # and at the audit, and notes each that never came (copy_missing).
+    if ev.kind != "info" or ev.op != "copy_missing" or ev.conn not in model.conns:
+        return
+    req = model.reqs.get(str(ev.data.get("request")))
+    if req is None:
+        return
+    thread = req.fields.get("thread_id")
+    spans = [(round(m.start, 3), m.end and round(m.end, 3)) for m in model.members.get((ev.conn, thread), [])]  # type: ignore[index]
+    yield Violation("routing", f"a turn of a thread never reached {ev.conn}, which {_receives_as(model)} "
+                               f"(missing: {', '.join(ev.data.get('missing', ()))})",
+                    {**_where(model, ev), "thread_id": thread, "requester": req.conn, "request": req.req_id,
+                     "step": req.step, "message_id": req.acked, "reply_id": req.response_id,
+                     "missing": list(ev.data.get("missing", ())), "waited_s": ev.data.get("waited_s"),
+                     "fanout_lag_ms": ev.data.get("limit_ms"),
+                     "memberships": spans, "fanout_rule": model.semantics.fanout})
+
+
+def _receives_as(model: Model) -> str:
+    if model.semantics.fanout == "joined":
+        return "had joined it before the message was sent and has not left since"
+    return "is another connection of its owner, open since before the message was sent"
+
+
+@register("routing")
 def turn_whole_or_nothing(model: Model, ev: Event, frame: Frame | None) -> Iterator[Violation]:
     """A watcher receives a turn whole or not at all: its chunks and reply only after its thread_message."""
     if not _frame_in(model, ev, frame) or frame is None or frame.re is not None:
@@ -387,7 +414,8 @@ def one_complete_reply(model: Model, ev: Event, frame: Frame | None) -> Iterator
             elif frame.type == "agent_response":
                 if (ev.conn, data.get("message_id")) in model.fanout_responses:
                     yield Violation("exactly-once", "a fan-out agent_response was delivered twice", {**_where(model, ev), "frame": frame.raw})
-                elif turn is not None and 0 in turn.seqs:
+                elif turn is not None and turn.started:
+                    # A watcher that saw the turn begin saw all of it: no chunks at all is chunks missing.
                     yield from _check_assembly(model, ev, frame, turn.deltas, None)
     elif ev.kind == "info" and ev.op == "timeout":
         req = model.reqs.get(ev.req_id or "")

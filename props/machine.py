@@ -52,7 +52,7 @@ from hypothesis.stateful import (
 )
 from partywall_props.coverage import fold_example
 from partywall_props.invariants import INVARIANTS
-from partywall_props.model import Model
+from partywall_props.model import Model, OwedCopy
 from partywall_strategies import (
     CLOSING_KINDS,
     HOSTILE,
@@ -75,7 +75,7 @@ from partywall.credentials import EXTRA_BAD_KINDS, user_index
 from partywall.driver import Conn, Refused
 from partywall.errors import HarnessError, Violation
 from partywall.session import Session
-from partywall.tokens import BAD_TOKEN_KINDS
+from partywall.tokens import BAD_TOKEN_KINDS, other_claims
 
 MAX_CONNS = 9
 MAX_THREADS = 8
@@ -629,6 +629,9 @@ class TenantMachine(RuleBasedStateMachine):
                          and self.driver.conns.get(name) is not None and self.driver.conns[name].open)
         talker = talkers[0] if talkers else None
         content = self._marker_content(ContentPlan("short", "said while you were away")) if talker else ""
+        # And once the join is answered, the colleague speaks again: that turn must reach the
+        # connection whole (a server may have kept it off the thread's fan-out since the leave).
+        again = self._marker_content(ContentPlan("short", "said once you were back")) if talker else ""
 
         async def both() -> None:
             if talker is not None:
@@ -638,11 +641,18 @@ class TenantMachine(RuleBasedStateMachine):
                     with trio.move_on_after(self.driver.reply_timeout_s):
                         await pending.answered.wait()
             await self.driver.send(conn.name, "leave_thread", self.session.next_req_id(), {"thread_id": thread.thread_id})
-            await self.driver.send(conn.name, "join_thread", self.session.next_req_id(), {"thread_id": thread.thread_id})
+            joined = await self.driver.send(conn.name, "join_thread", self.session.next_req_id(),
+                                            {"thread_id": thread.thread_id})
+            if talker is not None and joined is not None:
+                with trio.move_on_after(self.driver.reply_timeout_s):
+                    await joined.answered.wait()
+                await self.driver.send(talker, "user_message", self.session.next_req_id(),
+                                       {"thread_id": thread.thread_id, "content": again})
 
         self._call(both)
         self.outcome = (f"{conn.name} left and joined {thread.name} again"
-                        + (f" while {talker}'s turn streamed" if talker else ""))
+                        + (f" while {talker}'s turn streamed, and {talker} spoke again once it was back"
+                           if talker else ""))
 
     def _leave_any(self, conn: ConnRef, thread: ThreadRef) -> None:
         if not self._open(conn, thread):
@@ -840,7 +850,8 @@ class TenantMachine(RuleBasedStateMachine):
         opened += [f"{path} path" + ("" if kind == "valid" else f" with {kind}")
                    for kind in self._other_path(self._tenant(tenant), path, ("valid", bad))]
         opened += self._both_ways(self._tenant(tenant), self._tenant(tenant + 1))
-        expiring = self._expiring_token(self._tenant(tenant)) if self.calls["bad_token"] == 1 else ""
+        expiring = (self._expiring_token(self._tenant(tenant)) + self._other_claims_token(self._tenant(tenant))
+                    if self.calls["bad_token"] == 1 else "")
         self.outcome = (f"{len(kinds)} refused credentials, another path, both ways{expiring} tried"
                         + (f"; OPENED: {', '.join(opened)}" if opened else ""))
 
@@ -860,7 +871,7 @@ class TenantMachine(RuleBasedStateMachine):
     def _expiring_token(self, tenant: TenantRef) -> str:
         """PROTOCOL.md: "`exp` is compared as a real number (a token that expires in half a second
         is still valid)". Connect with a token whose exp is the last thousandth of the server's
-        current second, 0.3 to 1 s away by the server's clock (as the newest welcome gave it):
+        current second, 0.2 to 1 s away by the server's clock (as the newest welcome gave it):
         a server that compares whole seconds has already passed it. A refusal that came back
         more than 0.1 s before exp is a violation. Without the secret: not run (see not_run)."""
         uid = self._user_id(tenant, "alice")
@@ -872,8 +883,8 @@ class TenantMachine(RuleBasedStateMachine):
 
         async def connect() -> None:
             now = time.time() + offset
-            if now % 1 > 0.7:
-                await trio.sleep(1.0 - now % 1 + 0.005)  # the next second, so at least 0.3 s is left
+            if now % 1 > 0.8:
+                await trio.sleep(1.0 - now % 1 + 0.005)  # the next second, so at least 0.2 s is left
                 now = time.time() + offset
             exp = float(int(now)) + 0.999
             token = self.session.credentials.expiring(tenant.tid, uid, exp) or ""
@@ -892,6 +903,27 @@ class TenantMachine(RuleBasedStateMachine):
                 {"connection": name, "tenant": tenant.tid, "user": uid, "exp": exp, "refused_at_server_clock": at},
                 check="valid_token_accepted"))
         return ", a token expiring within the second"
+
+    def _other_claims_token(self, tenant: TenantRef) -> str:
+        """PROTOCOL.md: "other claims are ignored". Connect with a valid token that also names an
+        audience and an issuer, with not-before and issued-at an hour ahead (`tokens.other_claims`),
+        as identity providers mint them: a server that checks them (a JWT library's defaults)
+        refuses it. Without the secret: not run (see not_run)."""
+        uid = self._user_id(tenant, "alice")
+        token = self.session.credentials.with_other_claims(tenant.tid, uid)
+        if token is None:
+            return ""
+        name = self._name("x")
+        result = self._call(self.driver.connect, name, tenant.tid, uid, token, "header", "valid")
+        if isinstance(result, Conn):
+            self._call(self.driver.disconnect, name, False)
+        else:
+            self.checker.record(Violation(
+                "liveness", f"a valid token that also carries other claims was refused at the handshake "
+                            f"({result.reason}): other claims are ignored",
+                {"connection": name, "tenant": tenant.tid, "user": uid,
+                 "other_claims": sorted(other_claims(0.0))}, check="valid_token_accepted"))
+        return ", a token with other claims"
 
     def _other_path(self, tenant: TenantRef, path: str, kinds: tuple[str, ...]) -> list[str]:
         """Connect with credentials of ``kinds`` (``valid`` or one that must be refused) to another
@@ -1044,6 +1076,7 @@ class TenantMachine(RuleBasedStateMachine):
         right value, so a count that is wrong is wrong every time the program runs."""
         self.settled_at = self.step_no
         left = self._call(self.driver.settle, self._found)
+        self._copies_arrived()
         self.outcome = f"settled ({len(left)} still pending)"
         if not self.has("list_threads"):
             return
@@ -1157,6 +1190,40 @@ class TenantMachine(RuleBasedStateMachine):
                 self.raised = found.violation
                 raise found.violation
 
+    def _copies_arrived(self) -> None:
+        """Wait until every watcher's copy of each answered turn (or of one whose requester hung
+        up) has come (``Model.owed_copies``), or until each missing one is late (``timing.fanout_lag_ms``
+        after the requester's own reply); note each that is still missing then for
+        ``fanout_reaches_members``. With a server that fans out, the copies of answered turns
+        have come by the time everything is answered, so this waits only for a fault, or for
+        the rest of a turn whose requester hung up."""
+        late: list[OwedCopy] = []
+
+        def ready() -> bool:
+            owed = self.model.owed_copies()
+            now = time.monotonic()
+            late[:] = [o for o in owed if o.due <= now]
+            return self._found() or len(late) == len(owed)
+
+        limits = self.model.limits
+        latest = (float(limits.get("response_ms", 6000)) + float(limits.get("fanout_lag_ms", 1000))) / 1000.0
+
+        async def wait() -> None:
+            # No copy is due later than this from now (`Model.owed_copies`).
+            await self.driver.until(ready, time.monotonic() + latest)
+            if late:
+                # The loop may have been busy until now: let the readers take what is already in the
+                # sockets, and ask again, so only a copy that is still missing is noted.
+                await trio.sleep(0.1)
+                await self.driver.until(ready, time.monotonic())
+            for o in late:
+                await self.driver.note("copy_missing", o.conn, {
+                    "request": o.req.req_id, "missing": list(o.missing),
+                    "waited_s": round(time.monotonic() - (o.req.response_t or 0.0), 3),
+                    "limit_ms": self.model.limits.get("fanout_lag_ms", 1000)})
+
+        self._call(wait)
+
     def _found(self) -> bool:
         """Whether the checks have found a violation in this example (waits can end early)."""
         return bool(self.checker.found)
@@ -1180,6 +1247,8 @@ class TenantMachine(RuleBasedStateMachine):
         """Settle, then read every thread's history once more from a fresh connection of its tenant
         (of its owner, where threads are private to their user)."""
         self._call(self.driver.settle, self._found)
+        if not self.checker.found:
+            self._copies_arrived()
         if self.checker.found:
             return  # settling showed something broken (a reply that never came): that is the finding
         by_party: dict[tuple[str, str | None], list[ThreadRef]] = {}

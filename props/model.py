@@ -50,6 +50,8 @@ class ConnState:
     open: bool = False
     opened_t: float | None = None
     closed_t: float | None = None
+    closed_by_suite: bool = False
+    """Whether the suite closed it (a disconnect step, a hang-up, the end of an example)."""
     unsolicited_errors: int = 0
     """Errors without ``re`` the suite provoked (a binary frame, invalid JSON) and still expects."""
     closing_1009: bool = False
@@ -80,6 +82,8 @@ class Req:
     max_seq: int = -1
     responses: int = 0
     response_t: float | None = None
+    response_id: str | None = None
+    """The message id of the first agent_response it got: the reply's."""
     outcome: str | None = None
     """ok, an error code, info (unknown), or None while in flight."""
     done_t: float | None = None
@@ -124,6 +128,23 @@ class ThreadState:
 class Membership:
     start: float
     end: float | None = None
+    sure: float | None = None
+    """When the server's answer (joined, agent_started) to the span's latest join came: a turn
+    asked for after it certainly began with this connection joined. None while a join is unanswered."""
+    leave_sent: float | None = None
+    """When the connection first asked to leave during this span (the server may act on it any time after)."""
+
+
+@attrs.define(frozen=True)
+class OwedCopy:
+    """A watcher's copy of an answered turn that has not (wholly) arrived."""
+
+    conn: str
+    req: Req
+    missing: tuple[str, ...]
+    """The fan-out frames not received: ``thread_message``, ``agent_response``."""
+    due: float
+    """When it is late: the requester's own agent_response plus ``timing.fanout_lag_ms``."""
 
 
 @attrs.define(eq=False)
@@ -134,6 +155,8 @@ class FanoutTurn:
     """Whether the watcher received the turn's thread_message (its start) first."""
     seqs: set[int] = attrs.field(factory=set)
     deltas: dict[int, str] = attrs.field(factory=dict)
+    message_id: str | None = None
+    """The user message its thread_message carried."""
 
 
 class Model:
@@ -162,6 +185,10 @@ class Model:
         """(connection, message id) of every fan-out copy (thread_message, agent_response) it received."""
         self.own_msgs: set[tuple[str, str]] = set()
         """(connection, message id) of every ack and agent_response it received for its own requests."""
+        self.fanout_replied: set[tuple[str, str]] = set()
+        """(connection, user message id) of every watched turn whose agent_response came."""
+        self.copies_reported: set[tuple[str, str]] = set()
+        """(connection, request id) of every watcher's copy already reported missing."""
         self.assistants: dict[tuple[str, str], str] = {}
         """(tenant, assistant name) -> the assistant_id the service gave it."""
         self.probes: dict[str, dict[str, Any]] = {}
@@ -218,6 +245,60 @@ class Model:
             return False
         mine = self.conns[conn]
         return mine.tenant == state.tenant and mine.user == state.owner
+
+    def owed_copies(self) -> list[OwedCopy]:
+        """The watchers' copies of answered turns that have not wholly arrived (and were not reported).
+
+        Owed only where no timing makes it optional: the turn's requester got its agent_response,
+        and the watcher (another connection, valid and open now, owing no close) was certainly
+        receiving the thread's fan-out when the message was sent and has been since. Where fan-out
+        goes to joined connections: joined by an answer that came before the message went, with no
+        leave asked since. Where it goes to the owner's other connections: the owner's, open before
+        the message went. (A copy's chunks are checked as its agent_response arrives.)"""
+        rule = self.semantics.fanout
+        if rule == "requester":
+            return []
+        lag = float(self.limits.get("fanout_lag_ms", 1000)) / 1000.0
+        whole = float(self.limits.get("response_ms", 6000)) / 1000.0
+        owed: list[OwedCopy] = []
+        for thread, reqs in self.turn_reqs.items():
+            state = self.threads.get(thread)
+            # Answered turns, and turns whose requester hung up after the ack: those finish all
+            # the same, and their watchers get them whole, within the reply's own time limit.
+            answered = [r for r in reqs if r.acked is not None and (
+                r.response_id is not None and r.response_t is not None
+                or r.response_id is None and r.ack_t is not None and self._hung_up(r))]
+            if state is None or not answered:
+                continue
+            if rule == "joined":
+                watchers = [(c, spans[-1].sure) for (c, t), spans in self.members.items()
+                            if t == thread and spans and spans[-1].end is None and spans[-1].leave_sent is None
+                            and spans[-1].sure is not None]
+            else:
+                watchers = [(name, c.opened_t) for name, c in self.conns.items()
+                            if c.tenant == state.tenant and c.user == state.owner and c.opened_t is not None]
+            for conn, since in watchers:
+                mine = self.conns.get(conn)
+                if mine is None or not mine.open or mine.closing_1009 or mine.token_kind != "valid":
+                    continue
+                for req in answered:
+                    if req.conn == conn or since is None or since > req.t or (conn, req.req_id) in self.copies_reported:
+                        continue
+                    missing = tuple(kind for kind, seen in (
+                        ("thread_message", (conn, req.acked) in self.fanout_msgs),
+                        ("agent_response", (conn, req.response_id) in self.fanout_msgs if req.response_id is not None
+                         else (conn, req.acked) in self.fanout_replied)) if not seen)
+                    if missing:
+                        due = (req.response_t if req.response_t is not None else req.ack_t + whole) + lag  # type: ignore[operator]
+                        owed.append(OwedCopy(conn, req, missing, due))
+        return owed
+
+    def _hung_up(self, req: Req) -> bool:
+        """Whether the requester's connection closed, by the suite's hand, before its reply came
+        (the turn still finishes; a connection the server closed or a crash took may mean it did not)."""
+        state = self.conns.get(req.conn)
+        return (state is not None and not state.open and state.closed_t is not None and req.ack_t is not None
+                and state.closed_t >= req.ack_t and not self.killed_under(req.conn) and state.closed_by_suite)
 
     def is_member(self, conn: str, thread: str, t: float) -> bool:
         return any(m.start <= t and (m.end is None or t <= m.end) for m in self.members.get((conn, thread), ()))
@@ -344,7 +425,16 @@ class Model:
         if ev.op == "user_message" and isinstance(fields.get("thread_id"), str):
             self.turn_reqs.setdefault(fields["thread_id"], []).append(req)
         if ev.op == "join_thread" and "ok" in req.accepts:
+            spans = self.members.get((ev.conn, fields["thread_id"]))
+            if spans and spans[-1].end is None:
+                # Joining again while joined: a server may take it as a fresh join, from its next
+                # turn on, so which turns this span surely saw whole is known again at the answer.
+                spans[-1].sure = None
             self._join(ev.conn, fields["thread_id"], ev.t)
+        if ev.op == "leave_thread" and isinstance(fields.get("thread_id"), str):
+            spans = self.members.get((ev.conn, fields["thread_id"]))
+            if spans and spans[-1].end is None and spans[-1].leave_sent is None:
+                spans[-1].leave_sent = ev.t
         self.reqs[ev.req_id] = req
 
     def killed_under(self, conn: str) -> bool:
@@ -360,10 +450,12 @@ class Model:
         """The client's wall clock at event time ``t``, when a connect recorded it."""
         return None if self.wall_offset is None else t + self.wall_offset
 
-    def _join(self, conn: str, thread: str, t: float) -> None:
+    def _join(self, conn: str, thread: str, t: float, sure: float | None = None) -> None:
         spans = self.members.setdefault((conn, thread), [])
         if not spans or spans[-1].end is not None:
             spans.append(Membership(t))
+        if sure is not None:
+            spans[-1].sure = sure
 
     def _leave(self, conn: str, thread: str, t: float) -> None:
         spans = self.members.get((conn, thread))
@@ -399,13 +491,16 @@ class Model:
             # A watcher's turn opens with the thread_message and closes with the agent_response
             # (or its leaving): chunks outside one are part of a turn it did not see begin.
             if ftype == "thread_message":
-                self.fanout[key] = FanoutTurn()
+                mid = data.get("message_id")
+                self.fanout[key] = FanoutTurn(message_id=mid if isinstance(mid, str) else None)
             elif ftype == "agent_chunk" and isinstance(data.get("seq"), int):
                 turn = self.fanout.setdefault(key, FanoutTurn(started=False))
                 turn.seqs.add(data["seq"])
                 turn.deltas[data["seq"]] = str(data.get("delta"))
             elif ftype == "agent_response":
-                self.fanout.pop(key, None)
+                ended = self.fanout.pop(key, None)
+                if ended is not None and ended.message_id is not None:
+                    self.fanout_replied.add((ev.conn, ended.message_id))
                 if isinstance(data.get("message_id"), str):
                     self.fanout_responses.add((ev.conn, data["message_id"]))
             if ftype in ("thread_message", "agent_response") and isinstance(data.get("message_id"), str):
@@ -426,13 +521,13 @@ class Model:
             if isinstance(thread, str):
                 self.threads.setdefault(thread, ThreadState(thread, tenant, str(req.fields.get("assistant")),
                                                             self.conns[req.conn].user, req.t, ev.t))
-                self._join(req.conn, thread, req.t)
+                self._join(req.conn, thread, req.t, sure=ev.t)
         elif ftype == "left" and isinstance(data.get("thread_id"), str):
             self._leave(req.conn, data["thread_id"], ev.t)
         elif ftype == "joined" and isinstance(data.get("thread_id"), str):
             # A join sent while a leave of the same thread was in flight: the leave's answer closed
             # the span the join's invoke found open, and this answer opens the new one.
-            self._join(req.conn, data["thread_id"], ev.t)
+            self._join(req.conn, data["thread_id"], ev.t, sure=ev.t)
         elif ftype == "ack" and req.acked is None and isinstance(data.get("message_id"), str):
             req.acked = data["message_id"]
             req.ack_t = ev.t
@@ -450,6 +545,7 @@ class Model:
             req.responses += 1
             if req.responses == 1 and isinstance(data.get("message_id"), str):
                 req.response_t = ev.t
+                req.response_id = data["message_id"]
                 thread = str(req.fields.get("thread_id"))
                 msg = Msg(data["message_id"], thread, "assistant", str(data.get("content")), None,
                           req.req_id, ev.t, req.t)
@@ -499,9 +595,12 @@ class Model:
             conn = self.conns[ev.conn]
             conn.open = False
             conn.closed_t = ev.t
+            conn.closed_by_suite = str(ev.data.get("reason")) in ("closed by the suite", "abrupt drop")
             for (c, _thread), spans in self.members.items():
                 if c == ev.conn and spans and spans[-1].end is None:
                     spans[-1].end = ev.t
+        elif ev.op == "copy_missing" and ev.conn is not None:
+            self.copies_reported.add((ev.conn, str(ev.data.get("request"))))
         elif ev.op == "probe":
             for key in ("foreign", "absent"):
                 self.probes[ev.data[key]] = dict(ev.data)

@@ -1302,3 +1302,118 @@ def test_fault_slot_reuse_hands_a_closed_connections_threads_to_the_next_one(
         assert await leaked(fast_server) == []
 
     run(main)
+
+
+async def watcher_sees(target: ServerProcess, tenant: str, *, rejoin: bool = False, same_user: bool = False) -> list[str]:
+    """The types of the fan-out frames (without re) a watcher joined to a thread receives of one
+    turn asked by another connection: of another user, or (``same_user``) of the same one, and
+    (``rejoin``) after it left the thread and joined it again before the turn."""
+    async with open_client(target, tenant, "alice") as asker, open_client(
+        target, tenant, "alice" if same_user else "bob"
+    ) as watcher:
+        thread_id = await new_thread(asker)
+        await watcher.call("join_thread", "joined", thread_id=thread_id)
+        if rejoin:
+            await watcher.call("leave_thread", "left", thread_id=thread_id)
+            await watcher.call("join_thread", "joined", thread_id=thread_id)
+        since = len(watcher.frames)
+        await asker.turn(thread_id, "hello")
+        # The reference server queues a watcher's copy before the requester's reply goes out, so
+        # a ping's pong on the watcher's own connection comes behind it.
+        await watcher.call("ping", "pong")
+        return [f["type"] for f in watcher.frames[since:] if "re" not in f]
+
+
+WHOLE_TURN = ["thread_message", *["agent_chunk"] * 4, "agent_response"]  # FAST streams 4 chunks
+
+
+def test_fault_rejoin_unsubscribed_leaves_a_rejoined_watcher_out(
+    start_server: Any, fast_server: ServerProcess, tenant: str
+) -> None:
+    server = start_server(*FAST, "--fault", "rejoin_unsubscribed")
+
+    async def main() -> None:
+        assert await watcher_sees(server, tenant) == WHOLE_TURN  # joined once: still served
+        assert await watcher_sees(server, tenant, rejoin=True) == []
+        assert await watcher_sees(fast_server, tenant, rejoin=True) == WHOLE_TURN
+
+    run(main)
+
+
+def test_fault_fanout_skips_own_user_leaves_the_second_device_out(
+    start_server: Any, fast_server: ServerProcess, tenant: str
+) -> None:
+    server = start_server(*FAST, "--fault", "fanout_skips_own_user")
+
+    async def main() -> None:
+        assert await watcher_sees(server, tenant) == WHOLE_TURN  # another user: still served
+        assert await watcher_sees(server, tenant, same_user=True) == []
+        assert await watcher_sees(fast_server, tenant, same_user=True) == WHOLE_TURN
+
+    run(main)
+
+
+def test_fault_watchers_miss_chunks_sends_watchers_no_chunk(
+    start_server: Any, fast_server: ServerProcess, tenant: str
+) -> None:
+    server = start_server(*FAST, "--fault", "watchers_miss_chunks")
+
+    async def main() -> None:
+        assert await watcher_sees(server, tenant) == ["thread_message", "agent_response"]
+        assert await watcher_sees(fast_server, tenant) == WHOLE_TURN
+
+    run(main)
+
+
+def test_fault_other_claims_checked_refuses_tokens_an_identity_provider_mints(
+    start_server: Any, fast_server: ServerProcess
+) -> None:
+    server = start_server(*FAST, "--fault", "other_claims_checked")
+    later = time.time() + 3600
+    for claims in ({"aud": "partywall-suite"}, {"nbf": later}, {"iat": later}):
+        assert status_of(server, make_token(**claims)) == 401, claims
+        assert status_of(fast_server, make_token(**claims)) == 101, claims  # other claims are ignored
+    assert status_of(server, make_token(iss="https://idp.invalid/", jti="j1", scope="chat")) == 101
+
+
+def test_fault_claims_coerced_takes_a_numeric_user_id_as_a_string(
+    start_server: Any, fast_server: ServerProcess, tenant: str
+) -> None:
+    server = start_server(*FAST, "--fault", "claims_coerced")
+    numeric = make_token(tenant, 1234567)
+    assert status_of(server, numeric) == 101
+    assert status_of(fast_server, numeric) == 401
+
+    async def main() -> None:
+        async with open_client(server, token=numeric) as client:
+            assert client.welcome["user"] == "1234567"
+
+    run(main)
+
+
+def test_fault_stream_stops_unheard_leaves_the_watchers_without_the_rest_of_the_turn(
+    start_server: Any, paced_server: ServerProcess, tenant: str
+) -> None:
+    server = start_server(*PACED, "--fault", "stream_stops_unheard")
+
+    async def watched_after_hang_up(target: ServerProcess) -> tuple[list[str], list[str]]:
+        """The fan-out a watcher gets of a turn whose requester closed right after the ack, and the
+        thread's history once the turn has ended."""
+        async with open_client(target, tenant + "-unheard", "bob") as watcher:
+            thread_id = await new_thread(watcher)
+            async with open_client(target, tenant + "-unheard") as talker:
+                await talker.call("join_thread", "joined", thread_id=thread_id)
+                since = len(watcher.frames)
+                await talker.call("user_message", "ack", thread_id=thread_id, content="then I closed the tab")
+            await trio.sleep(0.6)  # 4 chunks 60 ms apart: the turn has long ended
+            history = await watcher.call("get_history", "history", thread_id=thread_id)
+            return ([f["type"] for f in watcher.frames[since:] if "re" not in f],
+                    [m["role"] for m in history["messages"]])
+
+    async def main() -> None:
+        seen, stored = await watched_after_hang_up(server)
+        assert "agent_response" not in seen and stored == ["user", "assistant"]
+        seen, stored = await watched_after_hang_up(paced_server)
+        assert seen[0] == "thread_message" and seen[-1] == "agent_response" and stored == ["user", "assistant"]
+
+    run(main)

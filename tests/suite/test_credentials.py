@@ -106,7 +106,8 @@ def test_token_cmd_without_the_secret_passes_and_lists_the_secret_only_checks_as
     assert data["ok"] is True and data["violations"] == []
     assert data["credentials"]["source"] == "command" and data["credentials"]["secret"] is False
     not_run = {item["check"]: item["reason"] for item in data["not_run"]}
-    assert set(not_run) == {f"refused_token:{kind}" for kind in NEEDS_SECRET} | {"valid_token:expires_within_a_second"}
+    assert set(not_run) == {f"refused_token:{kind}" for kind in NEEDS_SECRET} | {"valid_token:expires_within_a_second",
+                                                                                "valid_token:other_claims"}
     assert all("secret" in reason and "--token-cmd" in reason for reason in not_run.values())
     for kind in NEEDS_SECRET:
         assert f"not run: refused_token:{kind}" in proc.stdout
@@ -287,11 +288,24 @@ def test_without_the_secret_each_secret_only_kind_is_replaced_and_listed() -> No
     assert {kind: creds.kind_for(kind) for kind in NEEDS_SECRET}.keys() == set(NEEDS_SECRET)
     assert all(creds.kind_for(kind) in ("missing", "tampered") for kind in NEEDS_SECRET)
     assert [check for check, _ in creds.not_run()] == [f"refused_token:{kind}" for kind in NEEDS_SECRET] + [
-        "valid_token:expires_within_a_second"]
+        "valid_token:expires_within_a_second", "valid_token:other_claims"]
+    assert creds.with_other_claims("a", "u") is None
     assert creds.bad("tampered", "a", "u") != "c.d.efgh"
     minted = MintedCredentials(SECRET)
     assert minted.can_mint_bad and minted.not_run() == []
     assert all(minted.kind_for(kind) == kind for kind in NEEDS_SECRET)
+
+
+def test_a_token_with_other_claims_is_valid_and_carries_what_a_library_checks_by_default() -> None:
+    token = MintedCredentials(SECRET).with_other_claims("acme", "alice")
+    assert token is not None
+    claims = jwt.decode(token, SECRET, algorithms=["HS256"], options={"verify_aud": False, "verify_nbf": False,
+                                                                      "verify_iat": False})
+    assert (claims["tid"], claims["sub"]) == ("acme", "alice") and claims["exp"] > time.time()
+    assert claims["aud"] and claims["nbf"] > time.time() + 3000 and claims["iat"] > time.time() + 3000
+    # PyJWT's defaults refuse it: the bug the suite looks for, not a fault of the token.
+    with pytest.raises(jwt.InvalidTokenError):
+        jwt.decode(token, SECRET, algorithms=["HS256"])
 
 
 def test_tamper_flips_one_character_inside_a_jwt_signature() -> None:

@@ -130,7 +130,7 @@ PROOFS: dict[str, Proof] = {
     "token_before_path": Proof("protocol", "refused_as_specified", "fast"),
     "refusal_says_why": Proof("protocol", "refused_as_specified", "fast"),
     # The first bad_token of an example mints a token whose exp is the last thousandth of the
-    # server's current second (waiting for the next second when less than 0.3 s of it is left).
+    # server's current second (waiting for the next second when less than 0.2 s of it is left).
     "exp_whole_seconds": Proof("liveness", "valid_token_accepted", "fast"),
     "list_all_tenants": Proof("isolation", "no_foreign_data", "fast"),
     "echo_to_requester": Proof("routing", "no_copy_to_requester", "fast"),
@@ -225,8 +225,9 @@ PROOFS: dict[str, Proof] = {
     # The chat rule hangs up once its first message is acked; the turn's reply must still be
     # stored. The next message to the thread then follows the unanswered one; without one, the
     # audit waits the reply limit for the reply (a short limit keeps replays short).
+    # A watcher of the thread then never gets the rest of the turn, which the settle after it sees.
     "abandon_unheard": Proof("ordering", "history_in_commit_order", "short_reply_limit",
-                             also=("ordering/chunks_in_order",)),
+                             also=("ordering/chunks_in_order", "routing/fanout_reaches_members")),
     # A closed connection's slot goes to the next connection to join a thread, with the closed
     # one's subscriptions: of the same tenant (routing) or of another (isolation). Slots outlive
     # examples, so a re-run may find its slot taken by one of the run's earlier connections.
@@ -238,6 +239,18 @@ PROOFS: dict[str, Proof] = {
     "request_id_limit_in_bytes": Proof("protocol", "right_outcome", "fast", bench_only=proven_by("bool_is_int_limit"),
                                        in_opening="the opening's c3 sends ids of 64 characters, two- and three-byte "
                                                   "ones"),
+    # A watcher's copy is owed once the requester has its reply; the settle steps and the audit
+    # wait for the copies (timing.fanout_lag_ms), so the finding falls at the settle after the turn.
+    "rejoin_unsubscribed": Proof("routing", "fanout_reaches_members", "fast"),
+    "fanout_skips_own_user": Proof("routing", "fanout_reaches_members", "fast"),
+    # The watcher's agent_response arrives after its thread_message with no chunk between them.
+    "watchers_miss_chunks": Proof("exactly-once", "one_complete_reply", "fast"),
+    # The first bad_token of an example also connects with a valid token carrying aud, iss, nbf and iat.
+    "other_claims_checked": Proof("liveness", "valid_token_accepted", "fast"),
+    # The chat rule hangs up once its first message is acked; a watcher joined to the thread must
+    # still get the rest of that turn. Turns of 20-40 ms per chunk keep it streaming past the hang-up.
+    "stream_stops_unheard": Proof("routing", "fanout_reaches_members", "streaming", deterministic=False),
+    "claims_coerced": Proof("isolation", "identity_as_token", "fast", bench_only=proven_by("alg_none")),
     "assistant_create_race": Proof("protocol", "frames_match_schema", "fast", deterministic=False,
                                    also=("protocol/right_outcome",),
                                    bench_only=proven_by("surrogates_pass")),

@@ -10,6 +10,7 @@ finding the same bugs in a real server is `test_fault_proofs.py`.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -606,6 +607,105 @@ def test_routing_a_watcher_never_gets_part_of_a_turn() -> None:
          "thread_message): it joined, or left and joined again, while the turn streamed")]
 
 
+def copies_owed(copy: tuple[str, ...] = ("thread_message", "agent_chunk", "agent_response"),
+                before: Callable[[Sim], None] | None = None) -> Sim:
+    """bob (c1) watches T1 while alice (c0) has a turn answered; c1 receives the fan-out frames
+    named in ``copy``; ``before`` runs just before alice sends her message."""
+    s = bob_watches_t1()
+    if before is not None:
+        before(s)
+    s.turn("c0", "u1", "T1", "hi", "m1", "m2")
+    fanout = {"thread_message": {"type": "thread_message", "thread_id": "T1", "message_id": "m1", "role": "user",
+                                 "user": "alice", "content": "hi"},
+              "agent_chunk": {"type": "agent_chunk", "thread_id": "T1", "seq": 0, "delta": "echo: hi"},
+              "agent_response": {"type": "agent_response", "thread_id": "T1", "message_id": "m2", "content": "echo: hi"}}
+    for kind in copy:
+        s.reply("c1", None, fanout[kind])
+    return s
+
+
+def owed(s: Sim) -> list[tuple[str, tuple[str, ...]]]:
+    return [(o.conn, o.missing) for o in s.model.owed_copies()]
+
+
+def test_routing_a_watcher_gets_every_turn() -> None:
+    assert owed(copies_owed()) == []
+    s = copies_owed(copy=("thread_message",))
+    assert owed(s) == [("c1", ("agent_response",))]
+    s = copies_owed(copy=())
+    assert owed(s) == [("c1", ("thread_message", "agent_response"))]
+    # Due the requester's own reply plus timing.fanout_lag_ms (1 s unless set).
+    assert s.model.owed_copies()[0].due == s.model.reqs["u1"].response_t + 1.0
+    assert s.by_check() == []  # owed, not yet missing: the machine notes a copy once it is late
+    s.ev("info", "copy_missing", "c1", data={"request": "u1", "missing": ["thread_message", "agent_response"]})
+    assert s.by_check() == [("routing", "fanout_reaches_members",
+                             "a turn of a thread never reached c1, which had joined it before the message was sent "
+                             "and has not left since (missing: thread_message, agent_response)")]
+    assert owed(s) == []  # reported once
+
+
+def test_routing_no_copy_owed_where_timing_makes_it_optional() -> None:
+    # Asked to leave before the message went (answered or not): the server may have acted on it first.
+    def leaving(s: Sim) -> None:
+        s.request("c1", "l1", "leave_thread", thread_id="T1")
+    assert owed(copies_owed(copy=(), before=leaving)) == []
+
+    # Joined by an answer that came after the message was sent: it may have joined mid-turn.
+    def late_join(s: Sim) -> None:
+        s.connect("c2", "acme", "carol")
+        s.request("c2", "j2", "join_thread", thread_id="T1")
+    s = copies_owed(copy=(), before=late_join)
+    s.reply("c2", "j2", {"type": "joined", "thread_id": "T1"}, final="ok")
+    assert owed(s) == [("c1", ("thread_message", "agent_response"))]
+
+    # Joined again while joined, answered after the message went: a server may take that as a
+    # fresh join, from its next turn on.
+    def join_again(s: Sim) -> None:
+        s.request("c1", "j3", "join_thread", thread_id="T1")
+    s = copies_owed(copy=(), before=join_again)
+    assert owed(s) == []
+    s.reply("c1", "j3", {"type": "joined", "thread_id": "T1"}, final="ok")
+    assert owed(s) == []
+    s.turn("c0", "u2", "T1", "again", "m3", "m4")
+    assert owed(s) == [("c1", ("thread_message", "agent_response"))]  # the turn after the answer
+
+    # Closed since: nothing is owed to a connection that is gone.
+    s = copies_owed(copy=())
+    s.ev("info", "closed", "c1", data={"reason": "closed by the suite", "code": 1000})
+    assert owed(s) == []
+
+
+def hung_up(reason: str = "closed by the suite", reply: bool = False) -> Sim:
+    """bob (c1) watches T1; alice (c0) sends a message, gets its ack and hangs up (or the server
+    closes her connection); bob gets the thread_message and, with ``reply``, the rest of the turn."""
+    s = bob_watches_t1()
+    s.request("c0", "u1", "user_message", thread_id="T1", content="bye")
+    s.reply("c0", "u1", {"type": "ack", "thread_id": "T1", "message_id": "m1"})
+    s.ev("info", "closed", "c0", data={"reason": reason, "code": 1000})
+    s.reply("c1", None, {"type": "thread_message", "thread_id": "T1", "message_id": "m1", "role": "user",
+                         "user": "alice", "content": "bye"})
+    if reply:
+        s.reply("c1", None, {"type": "agent_chunk", "thread_id": "T1", "seq": 0, "delta": "echo: bye"})
+        s.reply("c1", None, {"type": "agent_response", "thread_id": "T1", "message_id": "m2", "content": "echo: bye"})
+    return s
+
+
+def test_routing_a_turn_whose_requester_hung_up_still_reaches_its_watchers() -> None:
+    # The turn finishes all the same: its watchers get the rest of it, within the reply's own limit.
+    s = hung_up()
+    assert owed(s) == [("c1", ("agent_response",))]
+    assert s.model.owed_copies()[0].due == s.model.reqs["u1"].ack_t + 6.0 + 1.0
+    assert owed(hung_up(reply=True)) == []
+    # Closed by the server, not by the requester: whether the turn went on is not known.
+    assert owed(hung_up(reason="closed by the server (code 1011)")) == []
+
+
+def test_exactly_once_a_watcher_copy_without_its_chunks() -> None:
+    assert copies_owed().by_check() == []
+    assert copies_owed(copy=("thread_message", "agent_response")).by_check() == [
+        ("exactly-once", "one_complete_reply", "the chunks' deltas do not add up to the agent_response content")]
+
+
 def test_protocol_oversize_closed_1009_without_the_error_first() -> None:
     s = Sim()
     s.connect("c0", "acme")
@@ -853,8 +953,9 @@ def watched_turn(copy: dict[str, Any], reply_copy: str | None = None, ack_first:
     s.reply("c0", "r2", {"type": "agent_chunk", "thread_id": "T1", "seq": 0, "delta": "echo: " + content})
     s.reply("c0", "r2", {"type": "agent_response", "thread_id": "T1", "message_id": "m2", "content": "echo: " + content})
     s.ev("ok", "user_message", "c0", "r2", data={"latency_ms": 8.0})
-    s.reply("c1", None, {"type": "agent_response", "thread_id": "T1", "message_id": "m2",
-                         "content": reply_copy if reply_copy is not None else "echo: " + content})
+    watched = reply_copy if reply_copy is not None else "echo: " + content
+    s.reply("c1", None, {"type": "agent_chunk", "thread_id": "T1", "seq": 0, "delta": watched})
+    s.reply("c1", None, {"type": "agent_response", "thread_id": "T1", "message_id": "m2", "content": watched})
     return s
 
 
