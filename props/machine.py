@@ -1192,11 +1192,10 @@ class TenantMachine(RuleBasedStateMachine):
 
     def _copies_arrived(self) -> None:
         """Wait until every watcher's copy of each answered turn (or of one whose requester hung
-        up) has come (``Model.owed_copies``), or until each missing one is late (``timing.fanout_lag_ms``
-        after the requester's own reply); note each that is still missing then for
-        ``fanout_reaches_members``. With a server that fans out, the copies of answered turns
-        have come by the time everything is answered, so this waits only for a fault, or for
-        the rest of a turn whose requester hung up."""
+        up, once a history read showed its reply stored) has come (``Model.owed_copies``), or
+        until each missing one is late (``timing.fanout_lag_ms`` after the requester's own reply,
+        or that read); note each that is still missing then for ``fanout_reaches_members``. With
+        a server that fans out, the copies have come by then, so this waits only for a fault."""
         late: list[OwedCopy] = []
 
         def ready() -> bool:
@@ -1205,12 +1204,9 @@ class TenantMachine(RuleBasedStateMachine):
             late[:] = [o for o in owed if o.due <= now]
             return self._found() or len(late) == len(owed)
 
-        limits = self.model.limits
-        latest = (float(limits.get("response_ms", 6000)) + float(limits.get("fanout_lag_ms", 1000))) / 1000.0
-
         async def wait() -> None:
             # No copy is due later than this from now (`Model.owed_copies`).
-            await self.driver.until(ready, time.monotonic() + latest)
+            await self.driver.until(ready, time.monotonic() + float(self.model.limits.get("fanout_lag_ms", 1000)) / 1000.0)
             if late:
                 # The loop may have been busy until now: let the readers take what is already in the
                 # sockets, and ask again, so only a copy that is still missing is noted.
@@ -1247,8 +1243,6 @@ class TenantMachine(RuleBasedStateMachine):
         """Settle, then read every thread's history once more from a fresh connection of its tenant
         (of its owner, where threads are private to their user)."""
         self._call(self.driver.settle, self._found)
-        if not self.checker.found:
-            self._copies_arrived()
         if self.checker.found:
             return  # settling showed something broken (a reply that never came): that is the finding
         by_party: dict[tuple[str, str | None], list[ThreadRef]] = {}
@@ -1272,6 +1266,10 @@ class TenantMachine(RuleBasedStateMachine):
             for ref in refs:
                 self._audit_thread(name, ref)
             self._call(self.driver.disconnect, name, False)
+        # The reads showed which turns have ended, those whose requester hung up among them: each
+        # watcher's copy of them is owed now.
+        if not self.checker.found:
+            self._copies_arrived()
         self._call(self.driver.settle, self._found)
 
     def _audit_thread(self, conn: str, ref: ThreadRef) -> None:

@@ -185,6 +185,8 @@ class Model:
         """(connection, message id) of every fan-out copy (thread_message, agent_response) it received."""
         self.own_msgs: set[tuple[str, str]] = set()
         """(connection, message id) of every ack and agent_response it received for its own requests."""
+        self.replies_stored: dict[str, float] = {}
+        """user message id -> when a history read first showed a reply stored after it."""
         self.fanout_replied: set[tuple[str, str]] = set()
         """(connection, user message id) of every watched turn whose agent_response came."""
         self.copies_reported: set[tuple[str, str]] = set()
@@ -259,15 +261,14 @@ class Model:
         if rule == "requester":
             return []
         lag = float(self.limits.get("fanout_lag_ms", 1000)) / 1000.0
-        whole = float(self.limits.get("response_ms", 6000)) / 1000.0
         owed: list[OwedCopy] = []
         for thread, reqs in self.turn_reqs.items():
             state = self.threads.get(thread)
-            # Answered turns, and turns whose requester hung up after the ack: those finish all
-            # the same, and their watchers get them whole, within the reply's own time limit.
+            # Answered turns, and turns whose requester hung up after the ack once a history read
+            # shows their reply stored: those finish all the same, and their watchers get them whole.
             answered = [r for r in reqs if r.acked is not None and (
                 r.response_id is not None and r.response_t is not None
-                or r.response_id is None and r.ack_t is not None and self._hung_up(r))]
+                or r.response_id is None and r.acked in self.replies_stored and self._hung_up(r))]
             if state is None or not answered:
                 continue
             if rule == "joined":
@@ -289,7 +290,8 @@ class Model:
                         ("agent_response", (conn, req.response_id) in self.fanout_msgs if req.response_id is not None
                          else (conn, req.acked) in self.fanout_replied)) if not seen)
                     if missing:
-                        due = (req.response_t if req.response_t is not None else req.ack_t + whole) + lag  # type: ignore[operator]
+                        done = req.response_t if req.response_t is not None else self.replies_stored[str(req.acked)]
+                        due = done + lag
                         owed.append(OwedCopy(conn, req, missing, due))
         return owed
 
@@ -511,6 +513,11 @@ class Model:
         ftype = frame.type
         if ftype in ("ack", "agent_response") and isinstance(data.get("message_id"), str):
             self.own_msgs.add((req.conn, data["message_id"]))
+        if ftype == "history" and isinstance(data.get("messages"), list):
+            msgs = [m for m in data["messages"] if isinstance(m, dict)]
+            for m, after in zip(msgs, msgs[1:], strict=False):
+                if m.get("role") == "user" and after.get("role") == "assistant" and isinstance(m.get("message_id"), str):
+                    self.replies_stored.setdefault(m["message_id"], ev.t)
         tenant = self.tenant_of(req.conn)
         if ftype == "agent_started":
             thread = data.get("thread_id")

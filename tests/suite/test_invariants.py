@@ -235,6 +235,22 @@ def test_user_scoped_threads_owner_sync_is_silent_and_another_user_is_foreign() 
             "user 'bob' of tenant 'acme'") in found
 
 
+def test_user_scoped_threads_owe_the_turn_to_the_owners_other_devices() -> None:
+    s = Sim(adapter=PrivateThreads())
+    s.connect("c0", "acme", "alice")
+    s.connect("c1", "acme", "bob")
+    s.connect("c2", "acme", "alice")  # alice's second device, open before her message
+    s.start("c0", "r0", "T1")
+    s.turn("c0", "u1", "T1", "hi", "m1", "m2")
+    s.connect("c3", "acme", "alice")  # opened after it: nothing of that turn is owed to it
+    assert owed(s) == [("c2", ("thread_message", "agent_response"))]
+    s.reply("c2", None, {"type": "thread_message", "thread_id": "T1", "message_id": "m1", "role": "user",
+                         "user": "alice", "content": "hi"})
+    s.reply("c2", None, {"type": "agent_chunk", "thread_id": "T1", "seq": 0, "delta": "echo: hi"})
+    s.reply("c2", None, {"type": "agent_response", "thread_id": "T1", "message_id": "m2", "content": "echo: hi"})
+    assert owed(s) == [] and s.by_check() == []
+
+
 def test_durability_missing_and_changed_messages() -> None:
     s = two_tenants_with_a_turn()
     s.request("c0", "r2", "get_history", thread_id="T1")
@@ -690,14 +706,26 @@ def hung_up(reason: str = "closed by the suite", reply: bool = False) -> Sim:
     return s
 
 
+def read_back(s: Sim) -> Sim:
+    """c1 reads T1's history, which shows alice's message m1 and its reply m2 stored."""
+    s.request("c1", "h1", "get_history", thread_id="T1")
+    s.reply("c1", "h1", {"type": "history", "thread_id": "T1", "messages": [
+        {"message_id": "m1", "role": "user", "user": "alice", "content": "bye", "created_at": 1764000001.0},
+        {"message_id": "m2", "role": "assistant", "content": "echo: bye", "created_at": 1764000001.1}]}, final="ok")
+    return s
+
+
 def test_routing_a_turn_whose_requester_hung_up_still_reaches_its_watchers() -> None:
-    # The turn finishes all the same: its watchers get the rest of it, within the reply's own limit.
+    # The turn finishes all the same: once a history read shows its reply stored, its watchers
+    # must have the rest of it within timing.fanout_lag_ms.
     s = hung_up()
+    assert owed(s) == []  # still streaming, for all the suite knows
+    read_back(s)
     assert owed(s) == [("c1", ("agent_response",))]
-    assert s.model.owed_copies()[0].due == s.model.reqs["u1"].ack_t + 6.0 + 1.0
-    assert owed(hung_up(reply=True)) == []
+    assert s.model.owed_copies()[0].due == s.model.replies_stored["m1"] + 1.0
+    assert owed(read_back(hung_up(reply=True))) == []
     # Closed by the server, not by the requester: whether the turn went on is not known.
-    assert owed(hung_up(reason="closed by the server (code 1011)")) == []
+    assert owed(read_back(hung_up(reason="closed by the server (code 1011)"))) == []
 
 
 def test_exactly_once_a_watcher_copy_without_its_chunks() -> None:
