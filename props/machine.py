@@ -1204,9 +1204,10 @@ class TenantMachine(RuleBasedStateMachine):
             late[:] = [o for o in owed if o.due <= now]
             return self._found() or len(late) == len(owed)
 
+        lag = float(self.model.limits.get("fanout_lag_ms", 1000)) / 1000.0
+
         async def wait() -> None:
-            # No copy is due later than this from now (`Model.owed_copies`).
-            await self.driver.until(ready, time.monotonic() + float(self.model.limits.get("fanout_lag_ms", 1000)) / 1000.0)
+            await self.driver.until(ready, time.monotonic() + lag)  # no copy is due later than that
             if late:
                 # The loop may have been busy until now: let the readers take what is already in the
                 # sockets, and ask again, so only a copy that is still missing is noted.
@@ -1215,7 +1216,7 @@ class TenantMachine(RuleBasedStateMachine):
             for o in late:
                 await self.driver.note("copy_missing", o.conn, {
                     "request": o.req.req_id, "missing": list(o.missing),
-                    "waited_s": round(time.monotonic() - (o.req.response_t or 0.0), 3),
+                    "waited_s": round(time.monotonic() - (o.due - lag), 3),
                     "limit_ms": self.model.limits.get("fanout_lag_ms", 1000)})
 
         self._call(wait)

@@ -241,15 +241,18 @@ PROOFS: dict[str, Proof] = {
                                                   "ones"),
     # A watcher's copy is owed once the requester has its reply; the settle steps and the audit
     # wait for the copies (timing.fanout_lag_ms), so the finding falls at the settle after the turn.
-    "rejoin_unsubscribed": Proof("routing", "fanout_reaches_members", "fast"),
+    "rejoin_unsubscribed": Proof("routing", "fanout_reaches_members", "fast",
+                                 bench_only=proven_by("fanout_skips_own_user")),
     "fanout_skips_own_user": Proof("routing", "fanout_reaches_members", "fast"),
     # The watcher's agent_response arrives after its thread_message with no chunk between them.
-    "watchers_miss_chunks": Proof("exactly-once", "one_complete_reply", "fast"),
+    "watchers_miss_chunks": Proof("exactly-once", "one_complete_reply", "fast",
+                                  bench_only=proven_by("leave_stops_own_turn")),
     # The first bad_token of an example also connects with a valid token carrying aud, iss, nbf and iat.
     "other_claims_checked": Proof("liveness", "valid_token_accepted", "fast"),
     # The chat rule hangs up once its first message is acked; a watcher joined to the thread must
     # still get the rest of that turn. Turns of 20-40 ms per chunk keep it streaming past the hang-up.
-    "stream_stops_unheard": Proof("routing", "fanout_reaches_members", "streaming", deterministic=False),
+    "stream_stops_unheard": Proof("routing", "fanout_reaches_members", "streaming", deterministic=False,
+                                  bench_only=proven_by("fanout_skips_own_user")),
     "claims_coerced": Proof("isolation", "identity_as_token", "fast", bench_only=proven_by("alg_none")),
     "assistant_create_race": Proof("protocol", "frames_match_schema", "fast", deterministic=False,
                                    also=("protocol/right_outcome",),
