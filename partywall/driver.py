@@ -85,6 +85,12 @@ class Conn:
     """The ids its requests carry on the wire, in order (`Adapter.request_ids`)."""
     sent: dict[str, str] = attrs.field(factory=dict, repr=False)
     """Wire id -> the suite's own id of the request this connection sent with it."""
+    owed_errors: list[tuple[float, str, str]] = attrs.field(factory=list, repr=False)
+    """(sent at, kind, the suite's id) of each malformed frame whose id the service cannot read,
+    oldest first: each is owed an error, which comes without ``re``."""
+    errors_paid: trio.Event = attrs.field(factory=trio.Event, repr=False)
+    """Set once no error is owed (or the one owed longest is overdue)."""
+    errors_overdue: bool = False
 
     def __repr__(self) -> str:  # valid Python in Hypothesis's printed program
         return self.name
@@ -463,6 +469,13 @@ class Driver:
         if wire is not None:
             frame = attrs.evolve(frame, request=conn.sent.get(wire, STRAY + wire))
         done = None
+        if frame.type == "error" and conn.owed_errors:
+            # The error owed to an unreadable frame: without re, or (a lenient parser) with its id.
+            owed = next((o for o in conn.owed_errors if o[2] == frame.re), None) if frame.re is not None else None
+            if frame.re is None or owed is not None:
+                conn.owed_errors.remove(owed or conn.owed_errors[0])
+                if not conn.owed_errors:
+                    conn.errors_paid.set()
         pending = self.pending.get(frame.re) if frame.re is not None else None
         if pending is not None and pending.conn == conn.name and not pending.done.is_set():
             pending.frames.append(frame)
@@ -605,6 +618,10 @@ class Driver:
         if readable:
             pending = Pending(req_id, name, "raw", ev.t)
             self.pending[req_id] = pending
+        elif readable is False and expect != "too_large":
+            if not conn.owed_errors:
+                conn.errors_paid = trio.Event()
+            conn.owed_errors.append((ev.t, note, req_id))
         self._observe(ev, None)
         try:
             await conn.ws.send_message(message)
@@ -639,6 +656,8 @@ class Driver:
                 else:
                     owed = [p.done for p in self.pending.values()]
                     owed += [c.done for c in self.conns.values() if c.open and c.close_expected_t is not None]
+                    owed += [c.errors_paid for c in self.conns.values() if c.open and c.owed_errors
+                             and not c.errors_overdue and c.close_expected_t is None]
                 if not owed:
                     break
                 with trio.move_on_after(0.05):  # the oldest; then look at the checks again
@@ -669,6 +688,17 @@ class Driver:
                     conn.close_overdue = True
                     ev = self.history.append("info", "not_closed", conn=conn.name,
                                              data={"waited_s": round(now - expected, 3), "limit_s": self.reply_timeout_s})
+                    self._observe(ev, None)
+                owed = conn.owed_errors
+                if (conn.open and owed and not conn.errors_overdue and expected is None
+                        and now - owed[0][0] > self.reply_timeout_s):
+                    # Only while no close is owed: a connection the server must close may go
+                    # before it answers what came ahead of the oversized frame.
+                    conn.errors_overdue = True
+                    conn.errors_paid.set()
+                    ev = self.history.append("info", "error_owed", conn=conn.name,
+                                             data={"kind": owed[0][1], "request": owed[0][2],
+                                                   "waited_s": round(now - owed[0][0], 3), "limit_s": self.reply_timeout_s})
                     self._observe(ev, None)
             for p in list(self.pending.values()):
                 if not p.timed_out and now - p.t > self.reply_timeout_s and self.conns[p.conn].open:

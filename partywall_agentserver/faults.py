@@ -1262,6 +1262,23 @@ def oversize_stays_open(components: Components) -> Components:
     return attrs.evolve(components, size_guard=OversizeStaysOpenGuard)
 
 
+class UnparsableIgnoredGuard(SizeGuard):
+    """Drops a text frame that is not JSON without a word ("a half-sent frame from a flaky
+    client: there is nothing to answer"), where it gets `bad_request`."""
+
+    def refuse(self, conn: Connection, message: str | bytes) -> bool:
+        if isinstance(message, str) and not message_too_large(message):
+            try:
+                json.loads(message)
+            except ValueError:
+                return True  # skipped
+        return super().refuse(conn, message)
+
+
+def unparsable_ignored(components: Components) -> Components:
+    return attrs.evolve(components, size_guard=UnparsableIgnoredGuard)
+
+
 class BinaryCloses1003Guard(SizeGuard):
     """Answers a binary frame with `bad_request`, then closes with 1003 ("unsupported data", as
     RFC 6455 allows a server to), where the protocol keeps the connection open."""
@@ -1450,6 +1467,7 @@ FAULTS: Final[dict[str, Modifier]] = {
     "other_claims_checked": other_claims_checked,
     "claims_coerced": claims_coerced,
     "stream_stops_unheard": stream_stops_unheard,
+    "unparsable_ignored": unparsable_ignored,
 }
 
 

@@ -548,13 +548,18 @@ def chunks_in_order(model: Model, ev: Event, frame: Frame | None) -> Iterator[Vi
 
 @register("liveness")
 def answered_in_time(model: Model, ev: Event, frame: Frame | None) -> Iterator[Violation]:
-    """Every request on an open connection gets its reply within the limit; the server stays up."""
+    """Every request on an open connection gets its reply within the limit (a malformed one its error); the server stays up."""
     if ev.kind == "info" and ev.op == "timeout":
         req = model.reqs.get(ev.req_id or "")
         if req is not None and not (req.type == "user_message" and req.acked is not None):
             yield Violation("liveness", f"{req.type} got no {'reply' if req.type != 'user_message' else 'ack'} within {ev.data.get('limit_s')} s",
                             {**_where(model, ev), "request": req.req_id, "step": req.step,
                              "fields": {k: str(v)[:80] for k, v in req.fields.items()}})
+    elif ev.kind == "info" and ev.op == "error_owed":
+        yield Violation("liveness", f"a malformed frame ({ev.data.get('kind')}) got no error within "
+                                    f"{ev.data.get('limit_s')} s: each gets bad_request, the connection staying open",
+                        {**_where(model, ev), "request": ev.data.get("request"), "kind": ev.data.get("kind"),
+                         "waited_s": ev.data.get("waited_s")})
     elif ev.kind == "info" and ev.op == "connect" and ev.data.get("reason") == "timeout":
         yield Violation("liveness", f"the handshake got no welcome within {ev.data.get('limit_s')} s", _where(model, ev))
     elif ev.kind == "info" and ev.op == "died":

@@ -1403,3 +1403,23 @@ def test_fault_stream_stops_unheard_leaves_the_watchers_without_the_rest_of_the_
         assert seen[0] == "thread_message" and seen[-1] == "agent_response" and stored == ["user", "assistant"]
 
     run(main)
+
+
+def test_fault_unparsable_ignored_answers_invalid_json_with_nothing(
+    start_server: Any, fast_server: ServerProcess, tenant: str
+) -> None:
+    server = start_server(*FAST, "--fault", "unparsable_ignored")
+
+    async def answers_to_invalid_json(target: ServerProcess) -> list[str]:
+        """The frames that came back for a frame that is not JSON, up to the pong of a ping behind it."""
+        async with open_client(target, tenant) as client:
+            since = len(client.frames)
+            await client.send('{"type": "ping", "id": "half",')
+            await client.call("ping", "pong")
+            return [f["type"] for f in client.frames[since:]]
+
+    async def main() -> None:
+        assert await answers_to_invalid_json(server) == ["pong"]
+        assert await answers_to_invalid_json(fast_server) == ["error", "pong"]
+
+    run(main)

@@ -728,6 +728,17 @@ def test_routing_a_turn_whose_requester_hung_up_still_reaches_its_watchers() -> 
     assert owed(read_back(hung_up(reason="closed by the server (code 1011)"))) == []
 
 
+def test_liveness_a_malformed_frame_that_gets_no_error() -> None:
+    s = Sim()
+    s.connect("c0", "acme")
+    s.ev("invoke", "raw", "c0", "r1", data={"note": "invalid_json", "size": 30, "readable": False, "expect": "bad_request"})
+    assert s.by_check() == []
+    # The driver's watchdog notes it once the reply limit has passed without the error.
+    s.ev("info", "error_owed", "c0", data={"kind": "invalid_json", "request": "r1", "waited_s": 1.6, "limit_s": 1.5})
+    assert s.by_check() == [("liveness", "answered_in_time", "a malformed frame (invalid_json) got no error within "
+                                                             "1.5 s: each gets bad_request, the connection staying open")]
+
+
 def test_exactly_once_a_watcher_copy_without_its_chunks() -> None:
     assert copies_owed().by_check() == []
     assert copies_owed(copy=("thread_message", "agent_response")).by_check() == [
