@@ -86,8 +86,8 @@ class Conn:
     sent: dict[str, str] = attrs.field(factory=dict, repr=False)
     """Wire id -> the suite's own id of the request this connection sent with it."""
     owed_errors: list[tuple[float, str, str]] = attrs.field(factory=list, repr=False)
-    """(sent at, kind, the suite's id) of each malformed frame whose id the service cannot read,
-    oldest first: each is owed an error, which comes without ``re``."""
+    """(sent at, kind, the suite's id) of each malformed frame whose id the service may not read,
+    oldest first: each is owed an error, which comes without ``re`` (or with its id)."""
     errors_paid: trio.Event = attrs.field(factory=trio.Event, repr=False)
     """Set once no error is owed (or the one owed longest is overdue)."""
     errors_overdue: bool = False
@@ -618,7 +618,9 @@ class Driver:
         if readable:
             pending = Pending(req_id, name, "raw", ev.t)
             self.pending[req_id] = pending
-        elif readable is False and expect != "too_large":
+        elif expect != "too_large":
+            # Owed an error, with re or without (where the protocol leaves that open, either):
+            # counted, so an error that never comes is not hidden by another frame's.
             if not conn.owed_errors:
                 conn.errors_paid = trio.Event()
             conn.owed_errors.append((ev.t, note, req_id))
