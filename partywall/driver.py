@@ -470,10 +470,11 @@ class Driver:
             frame = attrs.evolve(frame, request=conn.sent.get(wire, STRAY + wire))
         done = None
         if frame.type == "error" and conn.owed_errors:
-            # The error owed to an unreadable frame: without re, or (a lenient parser) with its id.
-            owed = next((o for o in conn.owed_errors if o[2] == frame.re), None) if frame.re is not None else None
-            if frame.re is None or owed is not None:
-                conn.owed_errors.remove(owed or conn.owed_errors[0])
+            # The error owed to a malformed frame: without re (the oldest's), or with its id.
+            paid = (conn.owed_errors[0] if frame.re is None
+                    else next((o for o in conn.owed_errors if o[2] == frame.re), None))
+            if paid is not None:
+                conn.owed_errors.remove(paid)
                 if not conn.owed_errors:
                     conn.errors_paid.set()
         pending = self.pending.get(frame.re) if frame.re is not None else None

@@ -144,7 +144,8 @@ class OwedCopy:
     missing: tuple[str, ...]
     """The fan-out frames not received: ``thread_message``, ``agent_response``."""
     due: float
-    """When it is late: the requester's own agent_response plus ``timing.fanout_lag_ms``."""
+    """When it is late: ``timing.fanout_lag_ms`` after the requester's own agent_response (or, where
+    the requester hung up, after the history read that showed the reply stored)."""
 
 
 @attrs.define(eq=False)
@@ -267,10 +268,10 @@ class Model:
             # Answered turns, and turns whose requester hung up after the ack once a history read
             # shows their reply stored: those finish all the same, and their watchers get them whole.
             answered = [r for r in reqs if r.acked is not None and (
-                r.response_id is not None and r.response_t is not None
-                or r.response_id is None and r.acked in self.replies_stored and self._hung_up(r))]
+                r.response_id is not None or r.acked in self.replies_stored and self._hung_up(r))]
             if state is None or not answered:
                 continue
+            watchers: list[tuple[str, float]]
             if rule == "joined":
                 watchers = [(c, spans[-1].sure) for (c, t), spans in self.members.items()
                             if t == thread and spans and spans[-1].end is None and spans[-1].leave_sent is None
@@ -283,24 +284,23 @@ class Model:
                 if mine is None or not mine.open or mine.closing_1009 or mine.token_kind != "valid":
                     continue
                 for req in answered:
-                    if req.conn == conn or since is None or since > req.t or (conn, req.req_id) in self.copies_reported:
+                    if req.conn == conn or since > req.t or (conn, req.req_id) in self.copies_reported:
                         continue
                     missing = tuple(kind for kind, seen in (
                         ("thread_message", (conn, req.acked) in self.fanout_msgs),
                         ("agent_response", (conn, req.response_id) in self.fanout_msgs if req.response_id is not None
                          else (conn, req.acked) in self.fanout_replied)) if not seen)
                     if missing:
-                        done = req.response_t if req.response_t is not None else self.replies_stored[str(req.acked)]
-                        due = done + lag
-                        owed.append(OwedCopy(conn, req, missing, due))
+                        ended = req.response_t if req.response_t is not None else self.replies_stored[str(req.acked)]
+                        owed.append(OwedCopy(conn, req, missing, ended + lag))
         return owed
 
     def _hung_up(self, req: Req) -> bool:
         """Whether the requester's connection closed, by the suite's hand, before its reply came
         (the turn still finishes; a connection the server closed or a crash took may mean it did not)."""
         state = self.conns.get(req.conn)
-        return (state is not None and not state.open and state.closed_t is not None and req.ack_t is not None
-                and state.closed_t >= req.ack_t and not self.killed_under(req.conn) and state.closed_by_suite)
+        return (state is not None and state.closed_by_suite and state.closed_t is not None and req.ack_t is not None
+                and state.closed_t >= req.ack_t and not self.killed_under(req.conn))
 
     def is_member(self, conn: str, thread: str, t: float) -> bool:
         return any(m.start <= t and (m.end is None or t <= m.end) for m in self.members.get((conn, thread), ()))
